@@ -1,0 +1,51 @@
+"""torchrefit: compile PyTorch models into engines whose weights can be replaced in place."""
+
+from .compile import compile
+from .errors import (
+    ExportError,
+    ImmutableWeightsError,
+    IncompatibleWeightsError,
+    LineageError,
+    MissingWeightError,
+    RefitVerificationError,
+    SerializationError,
+    SettingsError,
+    TorchRefitError,
+    UnexpectedWeightError,
+    UnsupportedGraphError,
+    WeightDtypeError,
+    WeightShapeError,
+    WeightValueError,
+)
+from .module import CompiledModule, Engine, Fallback, InputError
+from .refit import refit_module_weights
+from .serialize import load, save
+from .settings import Settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompiledModule",
+    "Engine",
+    "ExportError",
+    "Fallback",
+    "ImmutableWeightsError",
+    "IncompatibleWeightsError",
+    "InputError",
+    "LineageError",
+    "MissingWeightError",
+    "RefitVerificationError",
+    "SerializationError",
+    "Settings",
+    "SettingsError",
+    "TorchRefitError",
+    "UnexpectedWeightError",
+    "UnsupportedGraphError",
+    "WeightDtypeError",
+    "WeightShapeError",
+    "WeightValueError",
+    "compile",
+    "load",
+    "refit_module_weights",
+    "save",
+]

@@ -1,0 +1,255 @@
+"""compile(): export, lower, partition, build; one stage a line."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.export import ExportedProgram
+
+from .engine.base import Backend, get_backend
+from .errors import UnsupportedGraphError
+from .export import (
+    engine_program,
+    export_model,
+    parse_dtype,
+    source_tensors,
+    tied_aliases,
+    weight_specs,
+)
+from .fingerprint import describe, fingerprint
+from .lower import Lineage, LoweredProgram, LoweringContext, lower
+from .module import CompiledModule, Engine, InputGuard, RefitState, make_fallback
+from .partition import ENGINE, Capability, Partitioned, partition
+from .settings import Settings
+from .weights import WeightStore
+
+logger = logging.getLogger("torchrefit")
+
+
+def compile(
+    model: torch.nn.Module | ExportedProgram,
+    arg_inputs: tuple[Any, ...],
+    kwarg_inputs: dict[str, Any] | None = None,
+    *,
+    settings: Settings | None = None,
+    **overrides: Any,
+) -> CompiledModule:
+    """Compile `model` into refittable engines; `overrides` are `Settings` fields."""
+    settings = Settings.from_overrides(settings, **overrides)
+    started = time.perf_counter()
+    source = export_model(model, arg_inputs, kwarg_inputs)
+    program = engine_program(source, model, arg_inputs, kwarg_inputs, settings)
+    lowered = lower(program, LoweringContext(settings))
+    backend = get_backend(settings.backend, dict(settings.inductor_options))
+    parts = partition(lowered.gm, settings, Capability(settings.torch_executed_ops, backend.supports))
+    compiled = build(source, program, lowered, parts, backend, settings)
+    logger.info("compiled %d engine(s) in %.1f s", len(compiled.engines()), time.perf_counter() - started)
+    return compiled
+
+
+def source_labels(ep: ExportedProgram, with_names: bool) -> dict[str, str]:
+    return {
+        name: f"{spec.kind}:{spec.fqn}" if with_names else spec.kind
+        for name, spec in weight_specs(ep).items()
+    }
+
+
+def lowered_labels(lowered: LoweredProgram) -> dict[str, str]:
+    return {name: role.kind for name, role in lowered.roles.items()}
+
+
+def lowered_weight_order(lowered: LoweredProgram) -> list[str]:
+    return [str(r.key) for n, r in lowered.roles.items() if r.kind in ("weight", "derived")]
+
+
+def build(
+    source: ExportedProgram,
+    program: ExportedProgram,
+    lowered: LoweredProgram,
+    parts: Partitioned,
+    backend: Backend,
+    settings: Settings,
+) -> CompiledModule:
+    """One engine per engine partition, a fallback per fallback partition, the weight store."""
+    device = _program_device(program)
+    root = torch.nn.Module()
+    top = parts.top
+    for node in list(top.graph.nodes):
+        if node.op != "call_module":
+            continue
+        sub = getattr(top, node.target)
+        name = _child_name(parts.kinds[node.target], root)
+        if parts.kinds[node.target] == ENGINE:
+            child = _build_engine(sub, node, lowered, backend, name)
+        else:
+            child = _build_fallback(sub, node, lowered)
+        root.add_module(name, child)
+        node.target = name
+        node.args = tuple(a for a in node.args if not _is_weight_arg(lowered, a))
+    _drop_weight_placeholders(top.graph, lowered)
+    used = {k for child in root.children() for k in child.constant_keys}
+    store = _initial_store(program, lowered, device, used)
+    compiled = CompiledModule(root, top.graph)
+    compiled._torchrefit = _refit_state(source, program, lowered, store, settings)
+    compiled.bind(store)
+    return compiled
+
+
+def _is_weight_arg(lowered: LoweredProgram, arg: Any) -> bool:
+    return isinstance(arg, fx.Node) and arg.op == "placeholder" and lowered.roles[arg.name].is_weight
+
+
+def _child_name(kind: str, root: torch.nn.Module) -> str:
+    index = sum(1 for n, _ in root.named_children() if n.startswith(f"_{kind}_"))
+    return f"_{kind}_{index}"
+
+
+def _split_placeholders(sub: fx.GraphModule, call: fx.Node, lowered: LoweredProgram):
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    weights, activations = [], []
+    for ph, arg in zip(placeholders, call.args, strict=True):
+        if _is_weight_arg(lowered, arg):
+            weights.append((ph, str(lowered.roles[arg.name].key)))
+        else:
+            activations.append(ph)
+    return weights, activations
+
+
+def _build_engine(
+    sub: fx.GraphModule, call: fx.Node, lowered: LoweredProgram, backend: Backend, name: str
+) -> Engine:
+    weights, activations = _split_placeholders(sub, call, lowered)
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for ph in [w for w, _ in weights] + activations:
+        env[ph] = graph.node_copy(ph)
+    output = None
+    for node in sub.graph.nodes:
+        if node.op == "output":
+            output = node
+        elif node.op != "placeholder":
+            env[node] = graph.node_copy(node, lambda a: env[a])
+    assert output is not None
+    result = output.args[0]
+    single = not isinstance(result, (tuple, list))
+    graph.output(fx.node.map_arg((result,) if single else tuple(result), lambda a: env[a]))
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    examples = [n.meta["val"] for n in graph.nodes if n.op == "placeholder"]
+    started = time.perf_counter()
+    runner = backend.build(gm, examples)
+    logger.info(
+        "built %s (%s, %d ops, %d constants) in %.1f s",
+        name, backend.name, len(graph.nodes), len(weights), time.perf_counter() - started,
+    )
+    return Engine(backend.name, runner, [k for _, k in weights], single)
+
+
+def _build_fallback(sub: fx.GraphModule, call: fx.Node, lowered: LoweredProgram):
+    weights, _ = _split_placeholders(sub, call, lowered)
+    graph = sub.graph
+    last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    for i, (ph, _) in enumerate(weights):
+        with graph.inserting_after(last_placeholder):
+            attr = graph.get_attr(f"_w{i}")
+        attr.meta = dict(ph.meta)
+        ph.replace_all_uses_with(attr)
+    for ph, _ in weights:
+        graph.erase_node(ph)
+    return make_fallback(graph, [k for _, k in weights])
+
+
+def _drop_weight_placeholders(graph: fx.Graph, lowered: LoweredProgram) -> None:
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and lowered.roles[node.name].is_weight:
+            if node.users:
+                raise UnsupportedGraphError(
+                    f"The model returns weight {lowered.roles[node.name].key!r} itself as an "
+                    "output; torchrefit does not hand out its engine buffers. Return a copy "
+                    "(weight.clone()) from forward."
+                )
+            graph.erase_node(node)
+
+
+def _program_device(program: ExportedProgram) -> torch.device:
+    tensors = list(source_tensors(program).values())
+    for node in program.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(val, torch.Tensor):
+            tensors.append(val)
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise UnsupportedGraphError(
+            f"The program's weights and inputs are on several devices {sorted(map(str, devices))}; "
+            "torchrefit compiles for one device. Move the model and inputs to one device, "
+            "or set Settings.device."
+        )
+    return devices.pop() if devices else torch.device("cpu")
+
+
+def _initial_store(
+    program: ExportedProgram, lowered: LoweredProgram, device: torch.device, used: set[str]
+) -> WeightStore:
+    """The constants the partitions use, in signature order; nothing the engines never read."""
+    tensors = source_tensors(program)
+    derived = lowered.weight_program(tensors)
+    values: dict[str, torch.Tensor] = {}
+    for role in lowered.roles.values():
+        if str(role.key) not in used:
+            continue
+        if role.kind == "weight":
+            values[str(role.key)] = tensors[str(role.key)]
+        elif role.kind == "derived":
+            values[str(role.key)] = derived[str(role.key)]
+    return WeightStore(
+        {k: v.detach().to(device).clone(memory_format=torch.contiguous_format) for k, v in values.items()}
+    )
+
+
+def _refit_state(
+    source: ExportedProgram,
+    program: ExportedProgram,
+    lowered: LoweredProgram,
+    store: WeightStore,
+    settings: Settings,
+) -> RefitState:
+    specs = {s.fqn: s for s in weight_specs(source).values()}
+    lineage: dict[str, Lineage] = {}
+    for key in store.keys():
+        if key in lowered.derived:
+            lineage[key] = lowered.derived[key]
+        else:
+            same = specs[key].dtype == str(lowered.weight_dtypes[key]).removeprefix("torch.")
+            lineage[key] = Lineage("identity" if same else "cast", (key,))
+    user_inputs = [n for n in lowered.gm.graph.nodes if n.op == "placeholder" and lowered.roles[n.name].kind == "input"]
+    structure = describe(source.graph, source_labels(source, with_names=True))
+    return RefitState(
+        settings=settings,
+        fingerprint=fingerprint(structure, settings.engine_key()),
+        structure=structure,
+        lowered_structure=fingerprint(describe(lowered.gm.graph, lowered_labels(lowered)), settings.engine_key()),
+        specs=specs,
+        aliases=tied_aliases(source, set(specs)),
+        engine_dtypes=dict(lowered.weight_dtypes),
+        weight_program=lowered.weight_program,
+        lineage=lineage,
+        store=store,
+        in_spec=source.call_spec.in_spec,
+        out_spec=source.call_spec.out_spec,
+        guards=[_guard(n) for n in user_inputs],
+        lowered_order=lowered_weight_order(lowered),
+        cast_inputs_to=settings.torch_dtype if program is not source else None,
+    )
+
+
+def _guard(node: fx.Node) -> InputGuard | None:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    return InputGuard(val.dtype, val.device, val.dim())
+
+
+__all__ = ["compile", "parse_dtype"]

@@ -1,0 +1,59 @@
+"""Every user-facing error is a TorchRefitError subclass naming what, which, and the fix."""
+
+from __future__ import annotations
+
+
+class TorchRefitError(Exception):
+    """Base class of torchrefit's errors."""
+
+
+class SettingsError(TorchRefitError, ValueError):
+    """A setting has a value torchrefit cannot use."""
+
+
+class ExportError(TorchRefitError):
+    """The model could not be turned into an ExportedProgram."""
+
+
+class LineageError(TorchRefitError):
+    """A refittable engine would hold a weight-derived constant whose origin is unknown."""
+
+
+class UnsupportedGraphError(TorchRefitError):
+    """The graph holds something torchrefit cannot compile, save or load."""
+
+
+class ImmutableWeightsError(TorchRefitError):
+    """A refit was asked of a module compiled with immutable_weights=True."""
+
+
+class IncompatibleWeightsError(TorchRefitError):
+    """The new weights belong to another architecture, or do not fit the engines."""
+
+
+class MissingWeightError(IncompatibleWeightsError):
+    """A weight the engines need is absent from the new weights."""
+
+
+class UnexpectedWeightError(IncompatibleWeightsError):
+    """The new weights hold a name the compiled program does not have."""
+
+
+class WeightShapeError(IncompatibleWeightsError):
+    """A new weight has another shape than the compiled one."""
+
+
+class WeightDtypeError(IncompatibleWeightsError):
+    """A new weight has another dtype than the compiled one."""
+
+
+class WeightValueError(IncompatibleWeightsError):
+    """A new weight does not fit the engine dtype (it would become inf or NaN)."""
+
+
+class RefitVerificationError(TorchRefitError):
+    """After a refit the module's outputs differ from eager PyTorch's."""
+
+
+class SerializationError(TorchRefitError):
+    """A saved file is malformed, of another version, or fails its integrity check."""

@@ -1,0 +1,190 @@
+"""Model -> ExportedProgram, and a weight's identity: its FQN in the graph signature."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
+
+from .errors import ExportError, SettingsError, UnsupportedGraphError
+from .settings import Settings
+
+logger = logging.getLogger("torchrefit")
+
+_KINDS = {
+    InputKind.PARAMETER: "parameter",
+    InputKind.BUFFER: "buffer",
+    InputKind.CONSTANT_TENSOR: "constant",
+}
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """One source weight of the compiled program, as the graph signature names it."""
+
+    fqn: str
+    kind: str  # "parameter", "buffer" or "constant"
+    shape: tuple[int, ...]
+    dtype: str
+    persistent: bool  # False for non-persistent buffers and lifted constants
+
+    @property
+    def required_in_state_dict(self) -> bool:
+        return self.persistent
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "fqn": self.fqn,
+            "kind": self.kind,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "persistent": self.persistent,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> WeightSpec:
+        return cls(
+            data["fqn"], data["kind"], tuple(data["shape"]), data["dtype"], data["persistent"]
+        )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise SettingsError(f"Unknown dtype name {name!r}.")
+    return dtype
+
+
+def export_model(
+    model: torch.nn.Module | ExportedProgram,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None,
+) -> ExportedProgram:
+    """The program as the user gave it: an ExportedProgram passes through."""
+    if isinstance(model, ExportedProgram):
+        return model
+    if not isinstance(model, torch.nn.Module):
+        raise ExportError(
+            f"compile() got a {type(model).__name__}; expected an nn.Module or a "
+            "torch.export.ExportedProgram."
+        )
+    if not isinstance(args, tuple):
+        raise ExportError(
+            f"arg_inputs is a {type(args).__name__}; expected a tuple of example inputs, "
+            "e.g. (torch.randn(1, 3, 224, 224),)."
+        )
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, args, kwargs or {}, strict=False)
+    except Exception as exc:
+        raise ExportError(
+            f"torch.export could not export {type(model).__name__}: {exc}. Export it yourself "
+            "(torch.export.export) and pass the ExportedProgram, or fix the model."
+        ) from exc
+
+
+def engine_program(
+    source: ExportedProgram,
+    model: torch.nn.Module | ExportedProgram,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None,
+    settings: Settings,
+) -> ExportedProgram:
+    """The program engines are built from: the source, cast and moved when settings ask."""
+    target_dtype, target_device = _conversion(source, args, kwargs, settings)
+    if target_dtype is None and target_device is None:
+        return source
+    if isinstance(model, ExportedProgram):
+        raise SettingsError(
+            f"Settings dtype={settings.dtype!r} device={settings.device!r} differ from the "
+            "ExportedProgram's weights or inputs. torchrefit converts nn.Modules only: pass "
+            "the module, or export it already converted."
+        )
+    logger.info("converting a copy of the model to dtype=%s device=%s", target_dtype, target_device)
+    converted = copy.deepcopy(model).to(device=target_device, dtype=target_dtype)
+    cast = lambda t: convert_input(t, target_dtype, target_device)  # noqa: E731
+    args = torch.utils._pytree.tree_map(cast, args)
+    kwargs = torch.utils._pytree.tree_map(cast, kwargs or {})
+    return export_model(converted, args, kwargs)
+
+
+def convert_input(value: Any, dtype: torch.dtype | None, device: torch.device | None) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    if dtype is not None and value.is_floating_point():
+        value = value.to(dtype)
+    return value if device is None else value.to(device)
+
+
+def _conversion(
+    source: ExportedProgram, args: Any, kwargs: Any, settings: Settings
+) -> tuple[torch.dtype | None, torch.device | None]:
+    weights = list(source.state_dict.values()) + list(source.constants.values())
+    tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    dtype = settings.torch_dtype
+    floats = [t for t in weights + tensors if t.is_floating_point()]
+    need_dtype = dtype is not None and any(t.dtype != dtype for t in floats)
+    device = None if settings.device is None else torch.device(settings.device)
+    if device is not None and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    need_device = device is not None and any(t.device != device for t in weights + tensors)
+    return (dtype if need_dtype else None), (device if need_device else None)
+
+
+def weight_specs(ep: ExportedProgram) -> dict[str, WeightSpec]:
+    """Placeholder name -> WeightSpec for every weight input of the program."""
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    specs: dict[str, WeightSpec] = {}
+    for node, spec in zip(placeholders, ep.graph_signature.input_specs, strict=True):
+        if spec.kind not in _KINDS:
+            if spec.kind != InputKind.USER_INPUT:
+                raise UnsupportedGraphError(
+                    f"Input {node.name!r} is of kind {spec.kind.name}, which torchrefit does "
+                    "not compile (token or custom object); remove it from the model."
+                )
+            continue
+        val = node.meta["val"]
+        persistent = spec.kind == InputKind.PARAMETER or (
+            spec.kind == InputKind.BUFFER and bool(spec.persistent)
+        )
+        specs[node.name] = WeightSpec(
+            spec.target, _KINDS[spec.kind], tuple(val.shape), dtype_name(val.dtype), persistent
+        )
+    return specs
+
+
+def check_outputs(ep: ExportedProgram) -> None:
+    """Inference engines compute outputs only: a forward that mutates state is refused."""
+    for spec in ep.graph_signature.output_specs:
+        if spec.kind != OutputKind.USER_OUTPUT:
+            raise UnsupportedGraphError(
+                f"The exported forward mutates {spec.target!r} ({spec.kind.name}). Inference "
+                "engines do not write state: call model.eval() before compiling, or remove "
+                "the in-place update."
+            )
+
+
+def source_tensors(ep: ExportedProgram) -> dict[str, torch.Tensor]:
+    """FQN -> tensor for every weight of the program (parameters, buffers, constants)."""
+    tensors = dict(ep.state_dict)
+    tensors.update({k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)})
+    return tensors
+
+
+def tied_aliases(ep: ExportedProgram, fqns: set[str]) -> dict[str, str]:
+    """Names in the program's state_dict that share a tensor with a signature FQN (tying)."""
+    by_id = {id(t): fqn for fqn, t in source_tensors(ep).items() if fqn in fqns}
+    return {
+        name: by_id[id(t)]
+        for name, t in ep.state_dict.items()
+        if name not in fqns and id(t) in by_id
+    }

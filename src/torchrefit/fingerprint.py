@@ -1,0 +1,87 @@
+"""Structural fingerprints: ops, edges, shapes, dtypes and engine settings; never values."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .errors import IncompatibleWeightsError
+
+
+def describe(graph: fx.Graph, placeholder_labels: dict[str, str]) -> list[str]:
+    """One line per node; edges as node indices, so names do not matter unless labelled."""
+    index = {node: i for i, node in enumerate(graph.nodes)}
+    lines = []
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            head = f"input {placeholder_labels.get(node.name, 'user')}"
+        elif node.op == "output":
+            head = f"output {_args(node.args, index)}"
+        else:
+            head = f"{node.op} {_target(node.target)}{_args(node.args, index)}{_kwargs(node.kwargs, index)}"
+        lines.append(f"{head} -> {_meta(node.meta.get('val'))}")
+    return lines
+
+
+def fingerprint(lines: list[str], settings_key: dict[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps(settings_key, sort_keys=True).encode())
+    for line in lines:
+        digest.update(line.encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def first_difference(
+    compiled: list[str], new: list[str], compiled_names: list[str] | None = None
+) -> str:
+    for i, (old_line, new_line) in enumerate(zip(compiled, new)):
+        if old_line != new_line:
+            name = f" ({compiled_names[i]!r})" if compiled_names and i < len(compiled_names) else ""
+            return f"node {i}{name}: compiled `{old_line}`, new `{new_line}`"
+    if len(compiled) != len(new):
+        return f"the compiled program has {len(compiled)} nodes, the new one {len(new)}"
+    return "none"
+
+
+def raise_incompatible(compiled: list[str], new: list[str], names: list[str] | None = None) -> None:
+    raise IncompatibleWeightsError(
+        "The new weights come from another architecture; first difference at "
+        f"{first_difference(compiled, new, names)}. Refit only with weights of the compiled "
+        "architecture, or compile the new model."
+    )
+
+
+def _target(target: Any) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    return getattr(target, "__qualname__", str(target))
+
+
+def _args(args: Any, index: dict[fx.Node, int]) -> str:
+    return "(" + ", ".join(_arg(a, index) for a in args) + ")"
+
+
+def _kwargs(kwargs: dict[str, Any], index: dict[fx.Node, int]) -> str:
+    if not kwargs:
+        return ""
+    return "{" + ", ".join(f"{k}={_arg(v, index)}" for k, v in sorted(kwargs.items())) + "}"
+
+
+def _arg(arg: Any, index: dict[fx.Node, int]) -> str:
+    if isinstance(arg, fx.Node):
+        return f"%{index[arg]}"
+    if isinstance(arg, (list, tuple)):
+        return "[" + ", ".join(_arg(a, index) for a in arg) + "]"
+    return repr(arg)
+
+
+def _meta(val: Any) -> str:
+    if isinstance(val, torch.Tensor):
+        return f"{str(val.dtype).removeprefix('torch.')}{list(val.shape)}"
+    if isinstance(val, (list, tuple)):
+        return "(" + ", ".join(_meta(v) for v in val) + ")"
+    return type(val).__name__ if val is not None else "-"

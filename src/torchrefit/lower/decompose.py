@@ -1,0 +1,34 @@
+"""Decompose to core ATen and give every placeholder its role."""
+
+from __future__ import annotations
+
+from torch.export import ExportedProgram
+
+from ..export import check_outputs, weight_specs
+from .context import LoweredProgram, Role
+
+
+def decompose(ep: ExportedProgram) -> LoweredProgram:
+    check_outputs(ep)
+    ep = ep.run_decompositions()
+    specs = weight_specs(ep)
+    roles: dict[str, Role] = {}
+    inputs = 0
+    for node in ep.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        if node.name in specs:
+            roles[node.name] = Role("weight", specs[node.name].fqn)
+        else:
+            roles[node.name] = Role("input", inputs)
+            inputs += 1
+    dtypes = {s.fqn: node_dtype for s, node_dtype in _dtypes(ep, specs)}
+    return LoweredProgram(ep.graph_module, roles, dtypes)
+
+
+def _dtypes(ep: ExportedProgram, specs: dict) -> list:
+    return [
+        (specs[n.name], n.meta["val"].dtype)
+        for n in ep.graph.nodes
+        if n.op == "placeholder" and n.name in specs
+    ]

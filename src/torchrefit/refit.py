@@ -1,0 +1,334 @@
+"""refit_module_weights(): read, match, evaluate, validate, commit, verify."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import (
+    ImmutableWeightsError,
+    IncompatibleWeightsError,
+    MissingWeightError,
+    RefitVerificationError,
+    TorchRefitError,
+    UnexpectedWeightError,
+    WeightDtypeError,
+    WeightShapeError,
+    WeightValueError,
+)
+from .export import dtype_name, engine_program, export_model, source_tensors
+from .fingerprint import describe, fingerprint, raise_incompatible
+from .lower import LoweringContext, lower
+from .module import CompiledModule, RefitState
+from .read import NewWeights, read_weights
+from .verify import compare_outputs
+from .weights import WeightProgram, WeightStore
+
+logger = logging.getLogger("torchrefit")
+
+
+@dataclass
+class Matched:
+    """New source weights keyed by the compiled program's FQNs, and how they were matched."""
+
+    tensors: dict[str, torch.Tensor]
+    path: str  # "fast" or "slow"
+    weight_program: WeightProgram
+    rename: dict[str, str]  # compiled store key -> key in the evaluation (slow path)
+
+
+def refit_module_weights(
+    compiled_module: CompiledModule,
+    new_weight_module: Any,
+    arg_inputs: tuple[Any, ...] | None = None,
+    kwarg_inputs: dict[str, Any] | None = None,
+    verify_output: bool = False,
+    use_weight_map_cache: bool = True,
+    in_place: bool = False,
+) -> CompiledModule:
+    """Replace the compiled module's weights; all or nothing. Returns the refitted module."""
+    started = time.perf_counter()
+    state = _refittable(compiled_module)
+    new = read_weights(new_weight_module, state.specs)
+    matched = match(new, state, use_weight_map_cache, arg_inputs, kwarg_inputs)
+    values = evaluate(matched, state)
+    validate(values, state)
+    target = compiled_module if in_place else _fresh_copy(compiled_module, values)
+    backup = state.store.clone() if verify_output and in_place else None
+    target._torchrefit.store.commit(values)
+    logger.info("refit (%s path) took %.2f ms", matched.path, 1e3 * (time.perf_counter() - started))
+    if verify_output:
+        _verify(target, new, matched, state, arg_inputs, kwarg_inputs, backup)
+    return target
+
+
+def _refittable(module: Any) -> RefitState:
+    state = getattr(module, "_torchrefit", None)
+    if not isinstance(module, CompiledModule) or state is None:
+        raise TorchRefitError(
+            f"refit_module_weights got a {type(module).__name__}; expected a module returned "
+            "by torchrefit.compile or torchrefit.load."
+        )
+    if state.settings.immutable_weights:
+        raise ImmutableWeightsError(
+            "This module was compiled with immutable_weights=True, so its engines may have "
+            "folded weights and cannot be refitted. Compile with immutable_weights=False."
+        )
+    return state
+
+
+# -- match ------------------------------------------------------------------------------
+
+
+def match(
+    new: NewWeights,
+    state: RefitState,
+    use_cache: bool,
+    arg_inputs: tuple[Any, ...] | None,
+    kwarg_inputs: dict[str, Any] | None,
+) -> Matched:
+    """Fast path when the structure is the recorded one; slow path re-lowers and matches."""
+    if new.program is not None:
+        lines = describe(new.program.graph, _labels(new.program, with_names=True))
+        if use_cache and fingerprint(lines, state.settings.engine_key()) == state.fingerprint:
+            return _fast(new, state)
+        return _slow(new, state, arg_inputs, kwarg_inputs)
+    if use_cache or new.module is None:
+        return _fast(new, state)
+    if arg_inputs is None:
+        raise TorchRefitError(
+            "use_weight_map_cache=False with an nn.Module needs arg_inputs to export it; pass "
+            "arg_inputs, or an ExportedProgram."
+        )
+    exported = export_model(new.module, arg_inputs, kwarg_inputs)
+    return _slow(NewWeights(source_tensors(exported), "exported_program", program=exported), state, arg_inputs, kwarg_inputs)
+
+
+def _labels(program: Any, with_names: bool) -> dict[str, str]:
+    from .compile import source_labels
+
+    return source_labels(program, with_names)
+
+
+def _fast(new: NewWeights, state: RefitState) -> Matched:
+    tensors = _by_fqn(new, state)
+    return Matched(tensors, "fast", state.weight_program, {})
+
+
+def _by_fqn(new: NewWeights, state: RefitState) -> dict[str, torch.Tensor]:
+    """Resolve tied aliases, then check presence, extras, shapes and dtypes."""
+    given = dict(new.tensors)
+    for alias, fqn in state.aliases.items():
+        if alias not in given:
+            continue
+        value = given.pop(alias)
+        if fqn in given and not _same(given[fqn], value):
+            raise IncompatibleWeightsError(
+                f"{alias!r} and {fqn!r} are one tied weight in the compiled model, but the new "
+                "weights give them different values. Tie them, or give only one."
+            )
+        given.setdefault(fqn, value)
+    extra = sorted(set(given) - set(state.specs))
+    if extra:
+        raise UnexpectedWeightError(
+            f"The new weights hold {len(extra)} name(s) the compiled program does not have: "
+            f"{extra[:5]}. Remove or rename them (the compiled names look like "
+            f"{list(state.specs)[:3]})."
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for fqn, spec in state.specs.items():
+        value = given.get(fqn)
+        if value is None:
+            if spec.persistent or new.complete:
+                raise MissingWeightError(
+                    f"The new weights lack {spec.kind} {fqn!r} ({spec.dtype}{list(spec.shape)}). "
+                    "Give every parameter and persistent buffer of the compiled model."
+                )
+            continue  # a non-persistent buffer or constant a state_dict cannot hold: kept
+        if tuple(value.shape) != spec.shape:
+            raise WeightShapeError(
+                f"Weight {fqn!r} has shape {list(value.shape)}; the compiled model expects "
+                f"{list(spec.shape)}. Refit with weights of the compiled architecture."
+            )
+        if dtype_name(value.dtype) != spec.dtype:
+            raise WeightDtypeError(
+                f"Weight {fqn!r} has dtype {value.dtype}; the compiled model expects "
+                f"torch.{spec.dtype}. Convert it first (tensor.to(torch.{spec.dtype})), or "
+                "compile with that dtype."
+            )
+        tensors[fqn] = value
+    return tensors
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a.cpu(), b.cpu()))
+
+
+def _slow(
+    new: NewWeights, state: RefitState, arg_inputs: Any, kwarg_inputs: Any
+) -> Matched:
+    """Lower the new program afresh and match the engines' constants by graph position."""
+    assert new.program is not None
+    source = new.program
+    new_lines = describe(source.graph, _labels(source, with_names=False))
+    old_lines = [_strip_name(line) for line in state.structure]
+    if new_lines != old_lines:
+        raise_incompatible(old_lines, new_lines)
+    program = source
+    if state.cast_inputs_to is not None:
+        if arg_inputs is None:
+            raise TorchRefitError(
+                "The slow path must convert the new program to the compiled dtype, which needs "
+                "arg_inputs; pass them, or refit from an nn.Module or state_dict."
+            )
+        program = engine_program(source, source.module(), arg_inputs, kwarg_inputs, state.settings)
+    lowered = lower(program, LoweringContext(state.settings))
+    from .compile import lowered_labels, lowered_weight_order
+
+    lowered_fp = fingerprint(describe(lowered.gm.graph, lowered_labels(lowered)), state.settings.engine_key())
+    if lowered_fp != state.lowered_structure:
+        raise IncompatibleWeightsError(
+            "The new program lowers to another graph than the compiled one although their "
+            "exported graphs match; recompile with the new model."
+        )
+    new_order = lowered_weight_order(lowered)
+    rename = dict(zip(state.lowered_order, new_order, strict=True))
+    by_position = dict(zip(_source_order(source), state.specs, strict=True))
+    tensors = {by_position.get(k, k): v for k, v in source_tensors(source).items() if k in by_position}
+    renamed = NewWeights(tensors, "exported_program", program=source)
+    checked = _by_fqn(renamed, state)
+    return Matched(checked, "slow", lowered.weight_program, rename)
+
+
+def _source_order(program: Any) -> list[str]:
+    from .export import weight_specs
+
+    return [s.fqn for s in weight_specs(program).values()]
+
+
+def _strip_name(line: str) -> str:
+    if not line.startswith("input "):
+        return line
+    head, _, rest = line.partition(" -> ")
+    return f"{head.split(':')[0]} -> {rest}"
+
+
+# -- evaluate and validate --------------------------------------------------------------
+
+
+def evaluate(matched: Matched, state: RefitState) -> dict[str, torch.Tensor]:
+    """Store key -> new value, on the store's device and in its dtype."""
+    device = next(iter(state.store.tensors.values())).device if state.store.tensors else torch.device("cpu")
+    cast = {fqn: t.to(device=device, dtype=state.engine_dtypes[fqn]) for fqn, t in matched.tensors.items()}
+    _check_casts(matched.tensors, cast)
+    if matched.rename:  # slow path: the new lowering's names for each compiled store key
+        inputs = {matched.rename.get(fqn, fqn): t for fqn, t in cast.items()}
+        derived = matched.weight_program(inputs)
+        derived = {k: derived[matched.rename[k]] for k, v in state.lineage.items() if v.kind == "program"}
+    else:
+        missing = [f for f in matched.weight_program.inputs if f not in cast]
+        if missing and matched.weight_program.outputs:
+            raise MissingWeightError(
+                f"The new weights lack {missing[:3]}, which derived engine constants are "
+                "computed from. Give them too."
+            )
+        derived = matched.weight_program(cast)
+    values: dict[str, torch.Tensor] = {}
+    for key in state.store.keys():
+        if key in derived:
+            values[key] = derived[key]
+        elif key in cast:
+            values[key] = cast[key]
+    return values
+
+
+def _check_casts(sources: dict[str, torch.Tensor], cast: dict[str, torch.Tensor]) -> None:
+    for fqn, value in cast.items():
+        src = sources[fqn]
+        if value.dtype == src.dtype or not value.is_floating_point():
+            continue
+        if not bool(torch.isfinite(value).all()) and bool(torch.isfinite(src).all()):
+            raise WeightValueError(
+                f"Weight {fqn!r} overflows {value.dtype} (largest magnitude "
+                f"{src.abs().max().item():.4g}); it would become inf. Rescale it, or compile "
+                "with a wider dtype."
+            )
+
+
+def validate(values: dict[str, torch.Tensor], state: RefitState) -> None:
+    for key, value in values.items():
+        dst = state.store[key]
+        if value.shape != dst.shape or value.dtype != dst.dtype or value.device != dst.device:
+            raise IncompatibleWeightsError(
+                f"Engine constant {key!r} would become {value.dtype}{list(value.shape)} on "
+                f"{value.device}; the engine holds {dst.dtype}{list(dst.shape)} on {dst.device}. "
+                "Refit with weights of the compiled architecture."
+            )
+        if value.is_floating_point() and dst.element_size() < 4 and not bool(torch.isfinite(value).all()):
+            lineage = state.lineage[key]
+            raise WeightValueError(
+                f"Engine constant {key!r} (computed from {list(lineage.sources)}) is not "
+                f"finite in {dst.dtype}. Check those weights for inf or NaN."
+            )
+
+
+# -- commit and verify ------------------------------------------------------------------
+
+
+def _fresh_copy(module: CompiledModule, values: dict[str, torch.Tensor]) -> CompiledModule:
+    """A module sharing the compiled engines, with its own weight store."""
+    from .serialize import clone_module
+
+    old = module._torchrefit.store
+    tensors = {
+        k: torch.empty_like(t) if k in values else t.clone() for k, t in old.tensors.items()
+    }
+    return clone_module(module, WeightStore(tensors))
+
+
+def _verify(
+    target: CompiledModule,
+    new: NewWeights,
+    matched: Matched,
+    state: RefitState,
+    arg_inputs: Any,
+    kwarg_inputs: Any,
+    backup: WeightStore | None,
+) -> None:
+    if arg_inputs is None:
+        raise TorchRefitError("verify_output=True needs arg_inputs to run both models on.")
+    reference = _reference(new, arg_inputs, kwarg_inputs)
+    error = compare_outputs(target(*arg_inputs, **(kwarg_inputs or {})), reference)
+    if error is not None and matched.path == "fast" and new.program is not None:
+        logger.warning("verification failed after the fast path (%s); retrying the slow path", error)
+        retry = _slow(new, state, arg_inputs, kwarg_inputs)
+        values = evaluate(retry, state)
+        validate(values, state)
+        target._torchrefit.store.commit(values)
+        error = compare_outputs(target(*arg_inputs, **(kwarg_inputs or {})), reference)
+    if error is not None:
+        if backup is not None:
+            target._torchrefit.store.commit(backup.tensors)
+        raise RefitVerificationError(
+            f"After the refit, {error}. The module was left as it was before the refit. "
+            "Report this as a torchrefit bug, with the model."
+        )
+
+
+def _reference(new: NewWeights, args: tuple[Any, ...], kwargs: Any) -> Any:
+    with torch.no_grad():
+        if new.program is not None:
+            return new.program.module()(*args, **(kwargs or {}))
+        if new.module is not None:
+            return new.module(*args, **(kwargs or {}))
+    raise TorchRefitError(
+        "verify_output=True needs new weights that can run eagerly: an nn.Module or an "
+        "ExportedProgram, not a state_dict."
+    )
+
+
+__all__ = ["refit_module_weights"]

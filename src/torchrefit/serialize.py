@@ -1,0 +1,203 @@
+"""save / load: one zip file of engine artifacts, safetensors weights and JSON metadata.
+
+Weights and metadata are data and load without unpickling. Engine artifacts are code
+(Inductor's hold generated code and pickled cache entries): each one's SHA-256 sits in the
+metadata, and a mismatch refuses to load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import zipfile
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from .engine.base import get_backend
+from .errors import SerializationError
+from .export import WeightSpec, dtype_name, parse_dtype
+from .graph_io import graph_from_json, graph_to_json
+from .lower.context import Lineage
+from .module import CompiledModule, Engine, Fallback, InputGuard, RefitState, make_fallback
+from .settings import Settings
+from .weights import WeightProgram, WeightStore
+
+FORMAT = "torchrefit"
+VERSION = 1
+
+
+def save(module: CompiledModule, path: str) -> None:
+    state = module._torchrefit
+    children, artifacts = _children_to_json(module)
+    metadata = {
+        "format": FORMAT,
+        "version": VERSION,
+        "torch_version": torch.__version__,
+        "graph": graph_to_json(module.graph),
+        "children": children,
+        "state": _state_to_json(state),
+    }
+    from safetensors.torch import save as save_tensors
+
+    weights = save_tensors({k: t.detach().cpu().contiguous() for k, t in state.store.tensors.items()})
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("metadata.json", json.dumps(metadata, indent=1))
+        archive.writestr("weights.safetensors", weights)
+        for name, data in artifacts.items():
+            archive.writestr(f"engines/{name}.bin", data)
+
+
+def load(path: str) -> CompiledModule:
+    try:
+        archive = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise SerializationError(f"{path!r} is not a torchrefit file ({exc}).") from exc
+    with archive:
+        metadata = _read_metadata(archive, path)
+        from safetensors.torch import load as load_tensors
+
+        tensors = load_tensors(archive.read("weights.safetensors"))
+        state = _state_from_json(metadata["state"], tensors)
+        root = torch.nn.Module()
+        for child in metadata["children"]:
+            root.add_module(child["name"], _child_from_json(child, archive, state.settings, path))
+    compiled = CompiledModule(root, graph_from_json(metadata["graph"]))
+    compiled._torchrefit = state
+    compiled.bind(state.store)
+    return compiled
+
+
+def clone_module(module: CompiledModule, store: WeightStore) -> CompiledModule:
+    """A new module sharing the engines' compiled code, bound to `store`."""
+    root = torch.nn.Module()
+    for name, child in module.named_children():
+        if isinstance(child, Engine):
+            copy = Engine(child.backend, child.runner, child.constant_keys, child.single_output, child.artifact)
+        else:
+            assert isinstance(child, Fallback)
+            copy = make_fallback(_copy_graph(child.graph), child.constant_keys)
+        root.add_module(name, copy)
+    compiled = CompiledModule(root, _copy_graph(module.graph))
+    compiled._torchrefit = dataclasses.replace(module._torchrefit, store=store)
+    compiled.bind(store)
+    return compiled
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    new = fx.Graph()
+    output = new.graph_copy(graph, {})
+    new.output(output)
+    return new
+
+
+def _children_to_json(module: CompiledModule) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
+    children, artifacts = [], {}
+    for name, child in module.named_children():
+        if isinstance(child, Engine):
+            if child.artifact is None:
+                child.artifact = get_backend(child.backend).dump(child.runner)
+            artifacts[name] = child.artifact
+            children.append({
+                "name": name,
+                "kind": "engine",
+                "backend": child.backend,
+                "constant_keys": child.constant_keys,
+                "single_output": child.single_output,
+                "sha256": hashlib.sha256(child.artifact).hexdigest(),
+            })
+        elif isinstance(child, Fallback):
+            children.append({
+                "name": name,
+                "kind": "fallback",
+                "constant_keys": child.constant_keys,
+                "graph": graph_to_json(child.graph),
+            })
+    return children, artifacts
+
+
+def _child_from_json(data: dict[str, Any], archive: zipfile.ZipFile, settings: Settings, path: str):
+    if data["kind"] == "fallback":
+        return make_fallback(graph_from_json(data["graph"]), list(data["constant_keys"]))
+    artifact = archive.read(f"engines/{data['name']}.bin")
+    digest = hashlib.sha256(artifact).hexdigest()
+    if digest != data["sha256"]:
+        raise SerializationError(
+            f"Engine {data['name']!r} in {path!r} has SHA-256 {digest}, but the metadata records "
+            f"{data['sha256']}. The file was changed or corrupted; engine artifacts are code, "
+            "so torchrefit refuses to load it. Save the module again from its source."
+        )
+    runner = get_backend(data["backend"], dict(settings.inductor_options)).load(artifact)
+    return Engine(data["backend"], runner, list(data["constant_keys"]), data["single_output"], artifact)
+
+
+def _read_metadata(archive: zipfile.ZipFile, path: str) -> dict[str, Any]:
+    try:
+        metadata = json.loads(archive.read("metadata.json"))
+    except (KeyError, ValueError) as exc:
+        raise SerializationError(f"{path!r} has no readable metadata.json ({exc}).") from exc
+    if metadata.get("format") != FORMAT:
+        raise SerializationError(f"{path!r} is not a torchrefit file.")
+    if metadata.get("version") != VERSION:
+        raise SerializationError(
+            f"{path!r} is format version {metadata.get('version')}; this torchrefit reads "
+            f"version {VERSION}. Save it again with this version."
+        )
+    return metadata
+
+
+def _state_to_json(state: RefitState) -> dict[str, Any]:
+    return {
+        "settings": state.settings.to_json(),
+        "fingerprint": state.fingerprint,
+        "structure": state.structure,
+        "lowered_structure": state.lowered_structure,
+        "specs": [s.to_json() for s in state.specs.values()],
+        "aliases": state.aliases,
+        "engine_dtypes": {k: dtype_name(v) for k, v in state.engine_dtypes.items()},
+        "weight_program": state.weight_program.to_json(),
+        "lineage": {k: v.to_json() for k, v in state.lineage.items()},
+        "devices": {k: str(t.device) for k, t in state.store.tensors.items()},
+        "in_spec": pytree.treespec_dumps(state.in_spec),
+        "out_spec": pytree.treespec_dumps(state.out_spec),
+        "guards": [None if g is None else [dtype_name(g.dtype), str(g.device), g.ndim] for g in state.guards],
+        "lowered_order": state.lowered_order,
+        "cast_inputs_to": None if state.cast_inputs_to is None else dtype_name(state.cast_inputs_to),
+    }
+
+
+def _state_from_json(data: dict[str, Any], tensors: dict[str, torch.Tensor]) -> RefitState:
+    devices = data["devices"]
+    store = WeightStore({k: tensors[k].to(devices[k]) for k in devices})
+    cast = data["cast_inputs_to"]
+    return RefitState(
+        settings=Settings.from_json(data["settings"]),
+        fingerprint=data["fingerprint"],
+        structure=list(data["structure"]),
+        lowered_structure=data["lowered_structure"],
+        specs={s["fqn"]: WeightSpec.from_json(s) for s in data["specs"]},
+        aliases=dict(data["aliases"]),
+        engine_dtypes={k: parse_dtype(v) for k, v in data["engine_dtypes"].items()},
+        weight_program=WeightProgram.from_json(data["weight_program"]),
+        lineage={k: Lineage.from_json(v) for k, v in data["lineage"].items()},
+        store=store,
+        in_spec=_treespec(data["in_spec"]),
+        out_spec=_treespec(data["out_spec"]),
+        guards=[None if g is None else InputGuard(parse_dtype(g[0]), torch.device(g[1]), g[2]) for g in data["guards"]],
+        lowered_order=list(data["lowered_order"]),
+        cast_inputs_to=None if cast is None else parse_dtype(cast),
+    )
+
+
+def _treespec(text: str) -> pytree.TreeSpec:
+    try:
+        return pytree.treespec_loads(text)
+    except Exception as exc:
+        raise SerializationError(
+            f"The saved output structure names a type that is not registered ({exc}). Import "
+            "the library that defines the model's outputs (e.g. transformers) before "
+            "torchrefit.load."
+        ) from exc

@@ -1,0 +1,161 @@
+"""One frozen settings object for compile and refit."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import SettingsError
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+BACKENDS = ("inductor", "eager")
+
+
+def _affects_engine(default: Any, doc: str, **kwargs: Any) -> Any:
+    """A field whose value changes what an engine computes: it feeds the fingerprint."""
+    return field(default=default, metadata={"engine": True, "doc": doc}, **kwargs)
+
+
+def _runtime(default: Any, doc: str, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"engine": False, "doc": doc}, **kwargs)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How `torchrefit.compile` builds engines. Variants come from `dataclasses.replace`."""
+
+    immutable_weights: bool = _affects_engine(
+        False, "Refuse every refit; the engine may fold weights freely."
+    )
+    min_block_size: int = _affects_engine(
+        1, "Fewest compute ops in an engine partition; smaller runs stay in PyTorch."
+    )
+    torch_executed_ops: frozenset[str] = _affects_engine(
+        frozenset(),
+        'Ops that stay in PyTorch, by name ("torch.ops.aten.convolution.default") or overload.',
+    )
+    device: str | None = _affects_engine(
+        None, "Device of engine weights and compute; default: where the example inputs are."
+    )
+    dtype: str | None = _affects_engine(
+        None,
+        "float32, float16 or bfloat16 for engine weights and compute; default: the model's.",
+    )
+    backend: str = _affects_engine(
+        "inductor", '"inductor" (generated kernels) or "eager" (PyTorch; for debugging).'
+    )
+    fold_batch_norm: bool = _affects_engine(
+        True, "Fold inference batch norm into the preceding convolution (a weight program)."
+    )
+    inductor_options: tuple[tuple[str, Any], ...] = _affects_engine(
+        (), "Extra Inductor options, as (name, value) pairs."
+    )
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise SettingsError(
+                f"Settings.backend is {self.backend!r}; expected one of {BACKENDS}."
+            )
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise SettingsError(
+                f"Settings.dtype is {self.dtype!r}; expected one of {sorted(_DTYPES)} or None."
+            )
+        if not isinstance(self.min_block_size, int) or self.min_block_size < 1:
+            raise SettingsError(
+                f"Settings.min_block_size is {self.min_block_size!r}; expected an int >= 1."
+            )
+        object.__setattr__(self, "torch_executed_ops", _op_names(self.torch_executed_ops))
+        object.__setattr__(self, "dtype", _dtype_name(self.dtype))
+        object.__setattr__(self, "inductor_options", tuple(sorted(dict(self.inductor_options).items())))
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return None if self.dtype is None else _DTYPES[self.dtype]
+
+    @classmethod
+    def from_overrides(cls, base: Settings | None = None, **overrides: Any) -> Settings:
+        """`base` with keyword overrides, each checked against the fields."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise SettingsError(
+                f"Unknown setting(s) {unknown}; the settings are {sorted(names)}."
+            )
+        return dataclasses.replace(base or cls(), **overrides)
+
+    def engine_key(self) -> dict[str, Any]:
+        """The fields that change what an engine computes, as JSON-able values."""
+        return {
+            f.name: _jsonable(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.metadata.get("engine")
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Settings:
+        data = dict(data)
+        data["torch_executed_ops"] = frozenset(data.get("torch_executed_ops", ()))
+        data["inductor_options"] = tuple(tuple(p) for p in data.get("inductor_options", ()))
+        return cls.from_overrides(**data)
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    if dtype is None or isinstance(dtype, str):
+        return dtype
+    for name, value in _DTYPES.items():
+        if value == dtype:
+            return name
+    raise SettingsError(
+        f"Settings.dtype is {dtype}; expected one of {sorted(_DTYPES)} or None."
+    )
+
+
+def _op_names(ops: Any) -> frozenset[str]:
+    if isinstance(ops, str):
+        ops = [ops]
+    names = set()
+    for op in ops:
+        name = op if isinstance(op, str) else _overload_name(op)
+        names.add(name.removeprefix("torch.ops."))
+    return frozenset(names)
+
+
+def _overload_name(op: Any) -> str:
+    if isinstance(op, torch._ops.OpOverload):
+        return str(op)
+    if isinstance(op, torch._ops.OpOverloadPacket):
+        return f"{op._qualified_op_name.replace('::', '.')}"
+    raise SettingsError(
+        f"torch_executed_ops holds {op!r}; expected an op name such as "
+        '"torch.ops.aten.convolution.default" or an op overload.'
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, frozenset):
+        return sorted(value)
+    if isinstance(value, tuple):
+        return [list(v) if isinstance(v, tuple) else v for v in value]
+    return value
+
+
+def settings_table() -> str:
+    """The README's settings table, from the fields themselves."""
+    rows = ["| setting | default | changes the engine | what |", "|---|---|---|---|"]
+    for f in dataclasses.fields(Settings):
+        default = _jsonable(f.default)
+        rows.append(
+            f"| `{f.name}` | `{default!r}` | {'yes' if f.metadata['engine'] else 'no'} "
+            f"| {f.metadata['doc']} |"
+        )
+    return "\n".join(rows)

@@ -1,0 +1,33 @@
+"""Comparison with eager PyTorch, with tolerances chosen by dtype."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from torchrefit.verify import relative_error, tolerance
+
+
+def run_eager(model: torch.nn.Module, *args: Any) -> Any:
+    with torch.no_grad():
+        return model(*args)
+
+
+def assert_matches(actual: Any, expected: Any) -> None:
+    """Every output tensor (all of a tuple, dict or ModelOutput) within its dtype's tolerance."""
+    got, _ = pytree.tree_flatten_with_path(actual)
+    want, _ = pytree.tree_flatten_with_path(expected)
+    assert len(got) == len(want), f"{len(got)} outputs, eager gives {len(want)}"
+    for (path, a), (_, e) in zip(got, want, strict=True):
+        assert isinstance(a, torch.Tensor) and a.shape == e.shape, pytree.keystr(path)
+        err, tol = relative_error(a, e), tolerance(a.dtype, e.dtype)
+        assert err <= tol, f"output {pytree.keystr(path)}: relative error {err:.3g} > {tol}"
+
+
+def assert_differs(actual: Any, expected: Any) -> None:
+    """At least one output is far from `expected`: proves a test's weights really changed."""
+    got = [t for t in pytree.tree_leaves(actual) if isinstance(t, torch.Tensor)]
+    want = [t for t in pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
+    assert any(relative_error(a, e) > 1e-2 for a, e in zip(got, want)), "outputs did not change"

@@ -232,7 +232,7 @@ def _refit_state(
         structure=structure,
         lowered_structure=fingerprint(describe(lowered.gm.graph, lowered_labels(lowered)), settings.engine_key()),
         specs=specs,
-        aliases=tied_aliases(source, set(specs)),
+        aliases=tied_aliases(source, list(specs)),
         engine_dtypes=dict(lowered.weight_dtypes),
         weight_program=lowered.weight_program,
         lineage=lineage,

@@ -180,11 +180,18 @@ def source_tensors(ep: ExportedProgram) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def tied_aliases(ep: ExportedProgram, fqns: set[str]) -> dict[str, str]:
-    """Names in the program's state_dict that share a tensor with a signature FQN (tying)."""
-    by_id = {id(t): fqn for fqn, t in source_tensors(ep).items() if fqn in fqns}
+def tied_aliases(ep: ExportedProgram, fqns: list[str]) -> dict[str, str]:
+    """Name -> canonical FQN for names that share one tensor (tied weights), in any order.
+
+    The canonical FQN is the first of its group in signature order; the state_dict may
+    hold further names for it that the signature does not list.
+    """
+    tensors = source_tensors(ep)
+    canonical: dict[int, str] = {}
+    for fqn in fqns:
+        canonical.setdefault(id(tensors[fqn]), fqn)
     return {
-        name: by_id[id(t)]
-        for name, t in ep.state_dict.items()
-        if name not in fqns and id(t) in by_id
+        name: canonical[id(t)]
+        for name, t in tensors.items()
+        if id(t) in canonical and canonical[id(t)] != name
     }

@@ -38,7 +38,7 @@ def fingerprint(lines: list[str], settings_key: dict[str, Any]) -> str:
 def first_difference(
     compiled: list[str], new: list[str], compiled_names: list[str] | None = None
 ) -> str:
-    for i, (old_line, new_line) in enumerate(zip(compiled, new)):
+    for i, (old_line, new_line) in enumerate(zip(compiled, new, strict=False)):
         if old_line != new_line:
             name = f" ({compiled_names[i]!r})" if compiled_names and i < len(compiled_names) else ""
             return f"node {i}{name}: compiled `{old_line}`, new `{new_line}`"

@@ -123,9 +123,9 @@ def _by_fqn(new: NewWeights, state: RefitState) -> dict[str, torch.Tensor]:
     """Resolve tied aliases, then check presence, extras, shapes and dtypes."""
     given = dict(new.tensors)
     for alias, fqn in state.aliases.items():
-        if alias not in given:
+        value = given.pop(alias, None)
+        if value is None:
             continue
-        value = given.pop(alias)
         if fqn in given and not _same(given[fqn], value):
             raise IncompatibleWeightsError(
                 f"{alias!r} and {fqn!r} are one tied weight in the compiled model, but the new "
@@ -141,7 +141,7 @@ def _by_fqn(new: NewWeights, state: RefitState) -> dict[str, torch.Tensor]:
         )
     tensors: dict[str, torch.Tensor] = {}
     for fqn, spec in state.specs.items():
-        value = given.get(fqn)
+        value = given.get(state.aliases.get(fqn, fqn))
         if value is None:
             if spec.persistent or new.complete:
                 raise MissingWeightError(
@@ -165,7 +165,11 @@ def _by_fqn(new: NewWeights, state: RefitState) -> dict[str, torch.Tensor]:
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a.cpu(), b.cpu()))
+    if a is b:
+        return True
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return bool(torch.equal(a, b.to(a.device)))
 
 
 def _slow(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch.export import ExportedProgram
 
 from ..export import check_outputs, weight_specs
@@ -10,7 +11,7 @@ from .context import LoweredProgram, Role
 
 def decompose(ep: ExportedProgram) -> LoweredProgram:
     check_outputs(ep)
-    ep = ep.run_decompositions()
+    ep = ep.run_decompositions(_decomposition_table())
     specs = weight_specs(ep)
     roles: dict[str, Role] = {}
     inputs = 0
@@ -32,3 +33,15 @@ def _dtypes(ep: ExportedProgram, specs: dict) -> list:
         for n in ep.graph.nodes
         if n.op == "placeholder" and n.name in specs
     ]
+
+
+# Ops kept whole: Inductor lowers them to fused kernels (flash attention on CUDA), and
+# decomposing attention on CPU can trace strides its math decomposition does not give.
+KEPT_OPS = (torch.ops.aten.scaled_dot_product_attention.default,)
+
+
+def _decomposition_table():
+    table = torch.export.default_decompositions()
+    for op in KEPT_OPS:
+        table.pop(op, None)
+    return table

@@ -92,6 +92,7 @@ def build(
         node.args = tuple(a for a in node.args if not _is_weight_arg(lowered, a))
     _drop_weight_placeholders(top.graph, lowered)
     used = {k for child in root.children() for k in child.constant_keys}
+    used |= _kept_sources(source, lowered)
     store = _initial_store(program, lowered, device, used)
     compiled = CompiledModule(root, top.graph)
     compiled._torchrefit = _refit_state(source, program, lowered, store, settings)
@@ -153,6 +154,7 @@ def _build_fallback(sub: fx.GraphModule, call: fx.Node, lowered: LoweredProgram)
     graph = sub.graph
     last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
     for i, (ph, _) in enumerate(weights):
+        sub.register_buffer(f"_w{i}", torch.empty(0), persistent=False)
         with graph.inserting_after(last_placeholder):
             attr = graph.get_attr(f"_w{i}")
         attr.meta = dict(ph.meta)
@@ -172,6 +174,13 @@ def _drop_weight_placeholders(graph: fx.Graph, lowered: LoweredProgram) -> None:
                     "(weight.clone()) from forward."
                 )
             graph.erase_node(node)
+
+
+def _kept_sources(source: ExportedProgram, lowered: LoweredProgram) -> set[str]:
+    """Non-persistent inputs of the weight program: a state_dict cannot give them, so the
+    store keeps their current value for refits that do not."""
+    optional = {s.fqn for s in weight_specs(source).values() if not s.persistent}
+    return optional & set(lowered.weight_program.inputs)
 
 
 def _program_device(program: ExportedProgram) -> torch.device:

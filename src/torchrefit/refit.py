@@ -234,13 +234,17 @@ def evaluate(matched: Matched, state: RefitState) -> dict[str, torch.Tensor]:
         derived = matched.weight_program(inputs)
         derived = {k: derived[matched.rename[k]] for k, v in state.lineage.items() if v.kind == "program"}
     else:
-        missing = [f for f in matched.weight_program.inputs if f not in cast]
-        if missing and matched.weight_program.outputs:
+        inputs = dict(cast)
+        for fqn in matched.weight_program.inputs:
+            if fqn not in inputs and fqn in state.store.tensors:
+                inputs[fqn] = state.store[fqn]  # kept non-persistent buffer or constant
+        missing = [f for f in matched.weight_program.inputs if f not in inputs]
+        if missing:
             raise MissingWeightError(
                 f"The new weights lack {missing[:3]}, which derived engine constants are "
                 "computed from. Give them too."
             )
-        derived = matched.weight_program(cast)
+        derived = matched.weight_program(inputs)
     values: dict[str, torch.Tensor] = {}
     for key in state.store.keys():
         if key in derived:

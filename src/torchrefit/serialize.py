@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
+import re
+import sys
 import zipfile
 from typing import Any
 
@@ -192,8 +195,22 @@ def _state_from_json(data: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
     )
 
 
+# Output types (e.g. transformers' ModelOutput classes) are registered with pytree when
+# their module is imported. Only modules of these packages are imported on load.
+OUTPUT_TYPE_PACKAGES = ("transformers", "diffusers")
+
+
+def _import_output_types(text: str) -> None:
+    found = re.findall(r'"type": "([A-Za-z_][A-Za-z0-9_.]*)"', text)
+    for name in found:
+        module = name.rpartition(".")[0]
+        if module.split(".")[0] in OUTPUT_TYPE_PACKAGES and module not in sys.modules:
+            importlib.import_module(module)
+
+
 def _treespec(text: str) -> pytree.TreeSpec:
     try:
+        _import_output_types(text)
         return pytree.treespec_loads(text)
     except Exception as exc:
         raise SerializationError(

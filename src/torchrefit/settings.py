@@ -63,6 +63,7 @@ class Settings:
             raise SettingsError(
                 f"Settings.backend is {self.backend!r}; expected one of {BACKENDS}."
             )
+        object.__setattr__(self, "dtype", _dtype_name(self.dtype))
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise SettingsError(
                 f"Settings.dtype is {self.dtype!r}; expected one of {sorted(_DTYPES)} or None."
@@ -72,7 +73,6 @@ class Settings:
                 f"Settings.min_block_size is {self.min_block_size!r}; expected an int >= 1."
             )
         object.__setattr__(self, "torch_executed_ops", _op_names(self.torch_executed_ops))
-        object.__setattr__(self, "dtype", _dtype_name(self.dtype))
         object.__setattr__(self, "inductor_options", tuple(sorted(dict(self.inductor_options).items())))
 
     @property

@@ -1,0 +1,76 @@
+"""A representative set through the Inductor backend (engines are compiled once per session)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import CASES
+from helpers import assert_differs, assert_matches, run_eager
+from models import ConvNet, randomize
+
+import torchrefit
+
+pytestmark = pytest.mark.inductor
+
+
+@pytest.mark.parametrize("name", ["conv_bn", "bert", "gpt2"])
+def test_inductor_refit_matches_eager(inductor_modules, name: str) -> None:
+    a, compiled = inductor_modules[name]
+    case = CASES[name]
+    x = case.inputs()
+    assert_matches(compiled(*x), run_eager(a, *x))
+    b = case.build(1)
+    refitted = torchrefit.refit_module_weights(compiled, b)
+    x = case.inputs()
+    assert_matches(refitted(*x), run_eager(b, *x))
+    assert_differs(refitted(*x), run_eager(a, *x))
+    assert_matches(compiled(*x), run_eager(a, *x))
+
+
+def test_inductor_fast_and_slow_paths_with_verification(inductor_modules) -> None:
+    a, compiled = inductor_modules["conv_bn"]
+    case = CASES["conv_bn"]
+    for seed, use_cache in ((2, True), (3, False)):
+        b = case.build(seed)
+        x = case.inputs()
+        ep = torch.export.export(b, x)
+        refitted = torchrefit.refit_module_weights(
+            compiled, ep, arg_inputs=x, verify_output=True, use_weight_map_cache=use_cache
+        )
+        y = case.inputs()
+        assert_matches(refitted(*y), run_eager(b, *y))
+
+
+def test_inductor_three_refits_in_place_then_save_load_refit(inductor_modules, tmp_path) -> None:
+    a, compiled = inductor_modules["gpt2"]
+    case = CASES["gpt2"]
+    module = torchrefit.refit_module_weights(compiled, a)  # a private copy to refit in place
+    for seed in (4, 5, 6):
+        b = case.build(seed)
+        torchrefit.refit_module_weights(module, b.state_dict(), in_place=True)
+        x = case.inputs()
+        assert_matches(module(*x), run_eager(b, *x))
+    path = str(tmp_path / "gpt2.trf")
+    torchrefit.save(module, path)
+    loaded = torchrefit.load(path)
+    x = case.inputs()
+    assert_matches(loaded(*x), run_eager(b, *x))
+    c = case.build(7)
+    torchrefit.refit_module_weights(loaded, c, in_place=True)
+    assert_matches(loaded(*x), run_eager(c, *x))
+
+
+def test_inductor_engines_and_fallbacks_with_dynamic_batch() -> None:
+    a, b = randomize(ConvNet(), 0), randomize(ConvNet(), 1)
+    batch = torch.export.Dim("batch", min=1, max=32)
+    x = (torch.randn(2, 3, 10, 10),)
+    export = lambda m: torch.export.export(m, x, dynamic_shapes=({0: batch},))  # noqa: E731
+    compiled = torchrefit.compile(
+        export(a), x, torch_executed_ops={"torch.ops.aten.convolution.default"}, backend="inductor"
+    )
+    assert len(compiled.engines()) >= 2 and len(compiled.fallbacks()) >= 2
+    refitted = torchrefit.refit_module_weights(compiled, export(b))
+    for n in (3, 9):
+        y = (torch.randn(n, 3, 10, 10),)
+        assert_matches(refitted(*y), run_eager(b, *y))
+        assert_differs(refitted(*y), run_eager(a, *y))

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import torchrefit
+from torchrefit.settings import Settings, settings_table
+
+
+def test_settings_are_frozen_and_replaced() -> None:
+    s = Settings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.min_block_size = 3  # type: ignore[misc]
+    assert dataclasses.replace(s, min_block_size=3).min_block_size == 3
+
+
+def test_unknown_setting_names_the_fields() -> None:
+    with pytest.raises(torchrefit.SettingsError, match="min_block_size"):
+        Settings.from_overrides(min_blok_size=2)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"backend": "tensorrt"}, {"dtype": "float8"}, {"min_block_size": 0}, {"torch_executed_ops": [3]}],
+)
+def test_bad_values_are_refused(overrides: dict) -> None:
+    with pytest.raises(torchrefit.SettingsError):
+        Settings.from_overrides(**overrides)
+
+
+def test_ops_given_as_overloads_or_names_are_one_thing() -> None:
+    by_name = Settings(torch_executed_ops=frozenset({"torch.ops.aten.convolution.default"}))
+    by_op = Settings(torch_executed_ops=frozenset({torch.ops.aten.convolution.default}))
+    assert by_name == by_op
+    assert Settings(dtype=torch.float16).dtype == "float16"
+
+
+def test_engine_key_feeds_on_engine_fields_only() -> None:
+    key = Settings().engine_key()
+    assert "backend" in key and "immutable_weights" in key
+    assert Settings(dtype="float16").engine_key() != key
+
+
+def test_json_round_trip() -> None:
+    s = Settings(min_block_size=2, torch_executed_ops=frozenset({"aten.relu.default"}), dtype="bfloat16")
+    assert Settings.from_json(s.to_json()) == s
+
+
+def test_table_lists_every_field() -> None:
+    table = settings_table()
+    for f in dataclasses.fields(Settings):
+        assert f"`{f.name}`" in table

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from models import (
     MLP,
     ConvBNWithRunningStats,

@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torchrefit  # noqa: E402
+
 from cases import CASES  # noqa: E402
 
 INDUCTOR_CASES = ("conv_bn", "bert", "gpt2")

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 import torch.fx as fx
-from cases import CASES
 
 import torchrefit
 from torchrefit.graph_io import graph_from_json, graph_to_json
+
+from cases import CASES
 
 
 def test_round_trip_runs_the_same() -> None:

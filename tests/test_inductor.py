@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import torchrefit
+
 from cases import CASES
 from helpers import assert_differs, assert_matches, run_eager
 from models import ConvNet, randomize
-
-import torchrefit
 
 pytestmark = pytest.mark.inductor
 

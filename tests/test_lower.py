@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.fx as fx
-from cases import CASES
-from helpers import assert_matches, run_eager
-from models import MLP, randomize
 
 import torchrefit
 from torchrefit.lower import LoweringContext, lower
 from torchrefit.lower.check_lineage import check_lineage
 from torchrefit.settings import Settings
+
+from cases import CASES
+from helpers import assert_matches, run_eager
+from models import MLP, randomize
 
 
 def _lowered(model: torch.nn.Module, inputs: tuple, **settings):

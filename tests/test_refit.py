@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import CASES
-from helpers import assert_differs, assert_matches, run_eager
-from models import ConvNet, randomize
 
 import torchrefit
 from torchrefit.module import Engine, Fallback
+
+from cases import CASES
+from helpers import assert_differs, assert_matches, run_eager
+from models import ConvNet, randomize
 
 EAGER = {"backend": "eager"}
 

@@ -12,11 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import models
 import pytest
 import torch
 import torch.utils._pytree as pytree
-from helpers import assert_differs, assert_matches, run_eager
 from safetensors.torch import save_file
 from torch import nn
 
@@ -32,6 +30,9 @@ from torchrefit import (
     WeightShapeError,
     WeightValueError,
 )
+
+import models
+from helpers import assert_differs, assert_matches, run_eager
 
 # -- helpers ----------------------------------------------------------------------------
 
@@ -117,22 +118,35 @@ def mlp() -> tuple[nn.Module, torchrefit.CompiledModule]:
 # -- weights of another architecture ----------------------------------------------------
 
 
-def _as_module(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
-    return model
+Form = Callable[[nn.Module, tuple[torch.Tensor, ...]], tuple[Any, dict[str, Any]]]
 
 
-def _as_state_dict(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
-    return clone_state(model)
+def _as_module(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, dict[str, Any]]:
+    return model, {}
 
 
-def _as_exported_program(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
-    return torch.export.export(model, inputs)
+def _as_module_slow(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, dict[str, Any]]:
+    return model, {"use_weight_map_cache": False, "arg_inputs": inputs}
 
 
-FORMS = {
+def _as_state_dict(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, dict[str, Any]]:
+    return clone_state(model), {}
+
+
+def _as_program(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, dict[str, Any]]:
+    return torch.export.export(model, inputs), {}
+
+
+def _as_program_slow(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, dict[str, Any]]:
+    return torch.export.export(model, inputs), {"use_weight_map_cache": False, "arg_inputs": inputs}
+
+
+FORMS: dict[str, Form] = {
     "module": _as_module,
+    "module_slow_path": _as_module_slow,
     "state_dict": _as_state_dict,
-    "exported_program": _as_exported_program,
+    "exported_program": _as_program,
+    "exported_program_slow_path": _as_program_slow,
 }
 
 
@@ -140,8 +154,9 @@ FORMS = {
 def test_other_architecture_is_refused(mlp, form):
     _, compiled = mlp
     inputs = MLP.inputs()
-    wider = FORMS[form](models.randomize(models.MLP(width=48), 1), inputs)
-    message = str(assert_refused(compiled, wider, IncompatibleWeightsError, (), inputs))
+    wider, kwargs = FORMS[form](models.randomize(models.MLP(width=48), 1), inputs)
+    error = assert_refused(compiled, wider, IncompatibleWeightsError, (), inputs, **kwargs)
+    message = str(error)
     # fc1.weight (the first weight, node 0 of the graph) is the first thing that differs
     assert "fc1.weight" in message or "node 0" in message, message
 
@@ -167,11 +182,16 @@ def test_extra_key_names_it(mlp):
     assert_refused(compiled, state, UnexpectedWeightError, ("fc4.weight",), MLP.inputs())
 
 
-def test_bf16_weights_for_fp32_engine(mlp):
+@pytest.mark.parametrize("form", ["module", "state_dict", "exported_program"])
+def test_bf16_weights_for_fp32_engine(mlp, form):
     _, compiled = mlp
-    state = {k: v.to(torch.bfloat16) for k, v in clone_state(MLP.model(1)).items()}
-    error = assert_refused(compiled, state, WeightDtypeError, ("bfloat16",), MLP.inputs())
-    assert any(fqn in str(error) for fqn in state), error
+    model_bf16 = MLP.model(1).to(torch.bfloat16)
+    inputs_bf16 = tuple(x.to(torch.bfloat16) for x in MLP.inputs())
+    new_weights, kwargs = FORMS[form](model_bf16, inputs_bf16)
+    error = assert_refused(
+        compiled, new_weights, WeightDtypeError, ("bfloat16",), MLP.inputs(), **kwargs
+    )
+    assert any(fqn in str(error) for fqn in model_bf16.state_dict()), error
 
 
 def test_immutable_weights_refuses_refit():
@@ -186,30 +206,29 @@ def test_immutable_weights_refuses_refit():
 # -- values an fp16 engine cannot hold ---------------------------------------------------
 
 
-Fp16Setup = tuple[torchrefit.CompiledModule, dict[str, torch.Tensor], tuple[torch.Tensor, ...]]
-
-
-def _fp16_by_settings() -> Fp16Setup:
+def _fp16_by_settings() -> tuple[torchrefit.CompiledModule, dict[str, torch.Tensor], tuple]:
     """An fp32 model compiled for fp16 engines; fp32 weights holding 1e6 overflow the cast."""
     compiled = torchrefit.compile(MLP.model(0), MLP.inputs(), backend="eager", dtype="float16")
     return compiled, clone_state(MLP.model(1)), MLP.inputs()
 
 
-def _fp16_model() -> Fp16Setup:
-    """An fp16 model; its fp16 weights were cast from a checkpoint holding 1e6."""
-    model = MLP.model(0).half()
-    compiled = torchrefit.compile(model, (MLP.inputs()[0].half(),), backend="eager")
-    return compiled, clone_state(MLP.model(1)), (MLP.inputs()[0].half(),)
-
-
-@pytest.mark.parametrize("make", [_fp16_by_settings, _fp16_model], ids=["settings", "half_model"])
-def test_value_too_large_for_fp16_engine(make):
-    compiled, state, inputs = make()
+def test_value_too_large_for_fp16_engine():
+    compiled, state, inputs = _fp16_by_settings()
     state["fc2.weight"][3, 5] = 1e6
-    dtype = compiled._torchrefit.specs["fc2.weight"].dtype
-    state = {k: v.to(getattr(torch, dtype)) for k, v in state.items()}
     assert torch.isfinite(run_eager(compiled, *inputs)).all()
-    assert_refused(compiled, state, WeightValueError, ("fc2.weight",), inputs)
+    assert_refused(compiled, state, WeightValueError, ("fc2.weight", "1e+06"), inputs)
+
+
+def test_fp32_weights_for_half_model_are_refused():
+    """An fp16 model's engines take fp16 weights: fp32 ones holding 1e6 fail, never become inf."""
+    model = MLP.model(0).half()
+    inputs = (MLP.inputs()[0].half(),)
+    compiled = torchrefit.compile(model, inputs, backend="eager")
+    state = clone_state(MLP.model(1))
+    state["fc2.weight"][3, 5] = 1e6
+    error = assert_refused(compiled, state, IncompatibleWeightsError, (), inputs)
+    assert isinstance(error, (WeightDtypeError, WeightValueError)), error
+    assert "float16" in str(error)
 
 
 # -- tied weights ------------------------------------------------------------------------
@@ -223,7 +242,8 @@ def test_tied_weights_given_two_values_are_refused():
     state = clone_state(TIED.model(1))
     assert set(state) == {"embed.weight", "out.weight"}
     state["out.weight"] = state["out.weight"] + 1.0
-    assert_refused(compiled, state, IncompatibleWeightsError, ("out.weight",), TIED.inputs())
+    names = ("out.weight", "embed.weight")
+    assert_refused(compiled, state, IncompatibleWeightsError, names, TIED.inputs())
 
 
 @pytest.mark.parametrize("keys", [("embed.weight", "out.weight"), ("embed.weight",), ("out.weight",)])
@@ -254,13 +274,14 @@ def _offset_transposed(shape: tuple[int, ...]) -> torch.Tensor:
     return flat[11 : 11 + shape[0] * shape[1]].view(shape[::-1]).t()
 
 
+NON_CONTIGUOUS = Case(models.NonContiguousWeight, lambda: (torch.randn(4, 6),))
 LAYOUTS = {"transposed": _transposed, "offset_view": _offset_view, "offset_transposed": _offset_transposed}
 
 
 @pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_strided_weight_computes_right(layout, in_place):
-    case = Case(models.NonContiguousWeight, lambda: (torch.randn(4, 6),))
+    case = NON_CONTIGUOUS
     model_a = case.model(0)
     compiled = case.compile(model_a)
     weight = LAYOUTS[layout]((4, 6))
@@ -289,6 +310,7 @@ def test_strided_weight_in_square_layer_computes_right():
     refitted = torchrefit.refit_module_weights(compiled, state)
     inputs = MLP.inputs()
     assert_matches(run_eager(refitted, *inputs), run_eager(expected_model, *inputs))
+    assert_differs(run_eager(refitted, *inputs), run_eager(model_a, *inputs))
 
 
 # -- stale weights ------------------------------------------------------------------------
@@ -310,12 +332,14 @@ def test_no_stale_weights_after_refit(name, form):
         eager_b_model = model_b
     eager_b = run_eager(eager_b_model, *inputs)
     before = run_eager(compiled, *inputs)
-    new_weights = FORMS[form](model_b, case.inputs())
+    new_weights, kwargs = FORMS[form](model_b, case.inputs())
 
-    refitted = torchrefit.refit_module_weights(compiled, new_weights)
+    refitted = torchrefit.refit_module_weights(compiled, new_weights, **kwargs)
     assert_identical(before, run_eager(compiled, *inputs))  # not in place: A is untouched
-    for in_place_result in (refitted, torchrefit.refit_module_weights(compiled, new_weights, in_place=True)):
-        got = run_eager(in_place_result, *inputs)
+    in_place = torchrefit.refit_module_weights(compiled, new_weights, in_place=True, **kwargs)
+    assert in_place is compiled
+    for result in (refitted, in_place):
+        got = run_eager(result, *inputs)
         assert_matches(got, eager_b)
         for out, old in zip(leaves(got), leaves(eager_a), strict=True):
             assert_differs(out, old)
@@ -342,6 +366,41 @@ def test_batch_norm_statistics_alone_change_outputs(buffer):
         assert_differs(run_eager(refitted, *inputs), run_eager(model_a, *inputs))
 
 
+REAL = {
+    "resnet": (models.resnet, lambda: (torch.randn(2, 3, 32, 32),)),
+    "gpt2": (models.gpt2, lambda: (torch.randint(0, 64, (2, 8)),)),
+}
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_no_stale_weights_in_real_models(name):
+    """ResNet folds batch norms, GPT-2 ties its embeddings: B's outputs, in every output."""
+    build, make_inputs = REAL[name]
+    model_a, model_b = build(0), build(1)
+    compiled = torchrefit.compile(model_a, make_inputs(), backend="eager")
+    refitted = torchrefit.refit_module_weights(compiled, model_b)
+    inputs = make_inputs()
+    got = run_eager(refitted, *inputs)
+    assert_matches(got, run_eager(model_b, *inputs))
+    for out, old in zip(leaves(got), leaves(run_eager(model_a, *inputs)), strict=True):
+        assert_differs(out, old)
+
+
+def test_compiled_module_owns_its_weights():
+    """Training A after compiling, or B after refitting, must not leak into the engines."""
+    model_a, model_b = MLP.model(0), MLP.model(1)
+    compiled = MLP.compile(model_a)
+    refitted = torchrefit.refit_module_weights(compiled, model_b)
+    inputs = MLP.inputs()
+    before_a, before_b = run_eager(compiled, *inputs), run_eager(refitted, *inputs)
+    with torch.no_grad():
+        for model in (model_a, model_b):
+            for parameter in model.parameters():
+                parameter.mul_(-2.0)
+    assert_identical(before_a, run_eager(compiled, *inputs))
+    assert_identical(before_b, run_eager(refitted, *inputs))
+
+
 # -- a failed in-place refit changes nothing ------------------------------------------------
 
 
@@ -352,19 +411,19 @@ class MLPWithReLU(models.MLP):
         return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
-def _last_weight_bad_shape(compiled, inputs):
+def _last_weight_bad_shape(inputs):
     state = clone_state(MLP.model(1))
     state["fc3.bias"] = torch.randn(5)  # every earlier weight is valid
     return state, WeightShapeError, {}
 
 
-def _last_weight_bad_dtype(compiled, inputs):
+def _last_weight_bad_dtype(inputs):
     state = clone_state(MLP.model(1))
     state["fc3.bias"] = state["fc3.bias"].double()
     return state, WeightDtypeError, {}
 
 
-def _verification_fails(compiled, inputs):
+def _verification_fails(inputs):
     model = models.randomize(MLPWithReLU(), 1)
     return model, RefitVerificationError, {"arg_inputs": inputs, "verify_output": True}
 
@@ -378,7 +437,7 @@ def test_failed_in_place_refit_leaves_outputs_identical(failure):
     inputs = MLP.inputs()
     before = run_eager(compiled, *inputs)
     stored = {k: t.clone() for k, t in compiled._torchrefit.store.tensors.items()}
-    new_weights, error, kwargs = failure(compiled, inputs)
+    new_weights, error, kwargs = failure(inputs)
     with pytest.raises(error):
         torchrefit.refit_module_weights(compiled, new_weights, in_place=True, **kwargs)
     assert_identical(before, run_eager(compiled, *inputs))
@@ -393,6 +452,18 @@ def test_failed_fp16_refit_in_place_leaves_outputs_identical():
     with pytest.raises(WeightValueError):
         torchrefit.refit_module_weights(compiled, state, in_place=True)
     assert_identical(before, run_eager(compiled, *inputs))
+
+
+def test_failed_folded_weight_refit_leaves_outputs_identical():
+    """A variance below -eps makes the folded weights NaN: refused after evaluation, pre-commit."""
+    case = CASES["conv_bn_folded"]
+    compiled = case.compile(case.model(0))
+    state = clone_state(case.model(1))
+    state["bn1.running_var"] = -state["bn1.running_var"]
+    stored = {k: t.clone() for k, t in compiled._torchrefit.store.tensors.items()}
+    assert_refused(compiled, state, WeightValueError, ("bn1.running_var",), case.inputs())
+    for key, value in compiled._torchrefit.store.tensors.items():
+        assert torch.equal(value, stored[key]), f"engine constant {key!r} changed"
 
 
 # -- weights are data: never unpickled ------------------------------------------------------
@@ -432,23 +503,3 @@ def test_weights_are_never_unpickled(source, tmp_path, unpickling_calls):
     assert_matches(run_eager(refitted, *inputs), run_eager(model_b, *inputs))
     assert_differs(run_eager(refitted, *inputs), run_eager(model_a, *inputs))
     assert unpickling_calls == []
-
-
-REAL = {
-    "resnet": (models.resnet, lambda: (torch.randn(2, 3, 32, 32),)),
-    "gpt2": (models.gpt2, lambda: (torch.randint(0, 64, (2, 8)),)),
-}
-
-
-@pytest.mark.parametrize("name", list(REAL))
-def test_no_stale_weights_in_real_models(name):
-    """ResNet folds batch norms, GPT-2 ties its embeddings: B's outputs, in every output."""
-    build, make_inputs = REAL[name]
-    model_a, model_b = build(0), build(1)
-    compiled = torchrefit.compile(model_a, make_inputs(), backend="eager")
-    refitted = torchrefit.refit_module_weights(compiled, model_b)
-    inputs = make_inputs()
-    got = run_eager(refitted, *inputs)
-    assert_matches(got, run_eager(model_b, *inputs))
-    for out, old in zip(leaves(got), leaves(run_eager(model_a, *inputs)), strict=True):
-        assert_differs(out, old)

@@ -10,15 +10,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import models
 import pytest
 import torch
 import torch.utils._pytree as pytree
-from helpers import assert_differs, assert_matches, run_eager
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 from torch import nn
 
 import torchrefit
 from torchrefit import CompiledModule, SerializationError
+
+import models
+from helpers import assert_differs, assert_matches, run_eager
 
 
 def leaves(output: Any) -> list[torch.Tensor]:
@@ -39,11 +42,13 @@ def saved_and_loaded(module: CompiledModule, path: Path) -> CompiledModule:
     return loaded
 
 
-def rewrite_zip(src: Path, dst: Path, change: Callable[[str, bytes], bytes]) -> None:
-    """Copy the zip `src` to `dst`, passing every member's bytes through `change`."""
+def rewrite_zip(src: Path, dst: Path, change: Callable[[str, bytes], bytes | None]) -> None:
+    """Copy the zip `src` to `dst`, passing every member's bytes through `change` (None drops it)."""
     with zipfile.ZipFile(src) as old, zipfile.ZipFile(dst, "w") as new:
         for info in old.infolist():
-            new.writestr(info.filename, change(info.filename, old.read(info.filename)))
+            data = change(info.filename, old.read(info.filename))
+            if data is not None:
+                new.writestr(info.filename, data)
 
 
 def _images() -> tuple[torch.Tensor, ...]:
@@ -71,7 +76,7 @@ class Compiled:
 
 @pytest.fixture(scope="module", params=list(CASES))
 def compiled(request) -> Compiled:
-    """Saved and loaded only: tests refit the loaded copies, never this module."""
+    """Shared by the tests of a case: they refit loaded copies of it, or it not in place."""
     return Compiled(request.param)
 
 
@@ -82,6 +87,13 @@ def test_save_load_gives_equal_outputs(compiled, tmp_path):
     assert sorted(loaded.fallbacks()) == sorted(compiled.module.fallbacks())
     inputs = compiled.inputs()
     assert_equal_outputs(run_eager(loaded, *inputs), run_eager(compiled.module, *inputs))
+
+
+def _with_state(model: nn.Module, source: nn.Module) -> nn.Module:
+    """`model` with `source`'s state_dict: lifted constants stay `model`'s, as in a refit."""
+    result = copy.deepcopy(model)
+    result.load_state_dict(source.state_dict())
+    return result
 
 
 @pytest.mark.parametrize("form", ["module", "state_dict", "exported_program_slow_path"])
@@ -102,13 +114,6 @@ def test_load_then_refit_matches_eager_of_new_weights(compiled, form, tmp_path):
     inputs = compiled.inputs()
     assert_matches(run_eager(refitted, *inputs), run_eager(reference, *inputs))
     assert_differs(run_eager(refitted, *inputs), run_eager(model_a, *inputs))
-
-
-def _with_state(model: nn.Module, source: nn.Module) -> nn.Module:
-    """`model` with `source`'s state_dict: lifted constants stay `model`'s, as in a refit."""
-    result = copy.deepcopy(model)
-    result.load_state_dict(source.state_dict())
-    return result
 
 
 @pytest.mark.parametrize("in_place", [False, True])
@@ -224,6 +229,48 @@ def test_file_that_is_not_torchrefit_is_refused(write, tmp_path, unpickling_call
     with pytest.raises(SerializationError):
         torchrefit.load(str(path))
     assert unpickling_calls == []
+
+
+def _weights(change: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[str, bytes], bytes]:
+    def rewrite(name: str, data: bytes) -> bytes:
+        if name != "weights.safetensors":
+            return data
+        tensors = safetensors_load(data)
+        change(tensors)
+        return safetensors_save(tensors)
+
+    return rewrite
+
+
+def _drop(member: str) -> Callable[[str, bytes], bytes | None]:
+    return lambda name, data: None if name == member else data
+
+
+MALFORMED: dict[str, tuple[Callable[[str, bytes], bytes | None], str]] = {
+    "no_weights_member": (_drop("weights.safetensors"), "weights.safetensors"),
+    "no_engine_member": (_drop("engines/_engine_0.bin"), "_engine_0"),
+    "truncated_weights": (
+        lambda n, d: d[: len(d) // 2] if n == "weights.safetensors" else d, "weights"
+    ),
+    "weight_missing": (_weights(lambda t: t.pop("fc2.bias")), "fc2.bias"),
+    "weight_of_another_shape": (
+        _weights(lambda t: t.update({"fc2.bias": t["fc2.bias"][:1].clone()})), "fc2.bias"
+    ),
+    "weight_of_another_dtype": (
+        _weights(lambda t: t.update({"fc2.weight": t["fc2.weight"].half()})), "fc2.weight"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_members_are_refused(case, saved_mlp, tmp_path):
+    """Weights are data read without trust: ones unlike the metadata's must not load."""
+    change, named = MALFORMED[case]
+    broken = tmp_path / "broken.trf"
+    rewrite_zip(saved_mlp, broken, change)
+    with pytest.raises(SerializationError) as info:
+        torchrefit.load(str(broken))
+    assert named in str(info.value)
 
 
 # -- loading runs no pickle ---------------------------------------------------------------

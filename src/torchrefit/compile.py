@@ -213,9 +213,7 @@ def _initial_store(
             values[str(role.key)] = tensors[str(role.key)]
         elif role.kind == "derived":
             values[str(role.key)] = derived[str(role.key)]
-    return WeightStore(
-        {k: v.detach().to(device).clone(memory_format=torch.contiguous_format) for k, v in values.items()}
-    )
+    return WeightStore({k: v.detach().to(device) for k, v in values.items()})
 
 
 def _refit_state(

@@ -15,6 +15,7 @@ from .errors import TorchRefitError
 from .export import WeightSpec
 from .lower.context import Lineage
 from .settings import Settings
+from .cuda_graphs import CudaGraphs
 from .weights import WeightProgram, WeightStore
 
 
@@ -117,8 +118,17 @@ class CompiledModule(fx.GraphModule):
                 f"{len(args)} positional and keyword(s) {sorted(kwargs)}."
             ) from exc
         flat = [_guard(i, x, g, state.cast_inputs_to) for i, (x, g) in enumerate(zip(flat, state.guards, strict=True))]
-        outputs = super().__call__(*flat)
+        if state.settings.cuda_graphs and _all_cuda(flat):
+            outputs = self._graphs().run(flat)
+        else:
+            outputs = super().__call__(*flat)
         return pytree.tree_unflatten(list(outputs), state.out_spec)
+
+    def _graphs(self) -> CudaGraphs:
+        graphs = self.__dict__.get("_cuda_graphs")
+        if graphs is None:
+            graphs = self.__dict__["_cuda_graphs"] = CudaGraphs(lambda *xs: super(CompiledModule, self).__call__(*xs))
+        return graphs
 
     def engines(self) -> dict[str, Engine]:
         return {n: m for n, m in self.named_children() if isinstance(m, Engine)}
@@ -139,6 +149,11 @@ class CompiledModule(fx.GraphModule):
     def weight_map(self) -> dict[str, Lineage]:
         """Every constant the engines and fallbacks hold, and how it is computed."""
         return dict(self._torchrefit.lineage)
+
+
+def _all_cuda(flat: list[Any]) -> bool:
+    tensors = [x for x in flat if isinstance(x, torch.Tensor)]
+    return bool(tensors) and all(x.is_cuda for x in tensors)
 
 
 def _guard(i: int, x: Any, guard: InputGuard | None, cast_to: torch.dtype | None) -> Any:

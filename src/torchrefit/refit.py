@@ -225,26 +225,21 @@ def _strip_name(line: str) -> str:
 
 
 def evaluate(matched: Matched, state: RefitState) -> dict[str, torch.Tensor]:
-    """Store key -> new value, on the store's device and in its dtype."""
-    device = next(iter(state.store.tensors.values())).device if state.store.tensors else torch.device("cpu")
-    cast = {fqn: t.to(device=device, dtype=state.engine_dtypes[fqn]) for fqn, t in matched.tensors.items()}
+    """Store key -> new value in the store's dtype.
+
+    Source weights stay on their device (commit copies host tensors straight into the
+    engines' buffers, so a refit from the host needs no device staging); only the weight
+    program's inputs move to the engines' device.
+    """
+    device = state.store.device
+    cast = {fqn: t.to(dtype=state.engine_dtypes[fqn]) for fqn, t in matched.tensors.items()}
     _check_casts(matched.tensors, cast)
     if matched.rename:  # slow path: the new lowering's names for each compiled store key
-        inputs = {matched.rename.get(fqn, fqn): t for fqn, t in cast.items()}
+        inputs = {matched.rename.get(fqn, fqn): t.to(device) for fqn, t in cast.items()}
         derived = matched.weight_program(inputs)
         derived = {k: derived[matched.rename[k]] for k, v in state.lineage.items() if v.kind == "program"}
     else:
-        inputs = dict(cast)
-        for fqn in matched.weight_program.inputs:
-            if fqn not in inputs and fqn in state.store.tensors:
-                inputs[fqn] = state.store[fqn]  # kept non-persistent buffer or constant
-        missing = [f for f in matched.weight_program.inputs if f not in inputs]
-        if missing:
-            raise MissingWeightError(
-                f"The new weights lack {missing[:3]}, which derived engine constants are "
-                "computed from. Give them too."
-            )
-        derived = matched.weight_program(inputs)
+        derived = matched.weight_program(_program_inputs(matched.weight_program, cast, state))
     values: dict[str, torch.Tensor] = {}
     for key in state.store.keys():
         if key in derived:
@@ -254,34 +249,76 @@ def evaluate(matched: Matched, state: RefitState) -> dict[str, torch.Tensor]:
     return values
 
 
+def _program_inputs(
+    program: WeightProgram, cast: dict[str, torch.Tensor], state: RefitState
+) -> dict[str, torch.Tensor]:
+    inputs: dict[str, torch.Tensor] = {}
+    for fqn in program.inputs:
+        if fqn in cast:
+            inputs[fqn] = cast[fqn].to(state.store.device)
+        elif fqn in state.store.tensors:
+            inputs[fqn] = state.store[fqn]  # a kept non-persistent buffer or constant
+        else:
+            raise MissingWeightError(
+                f"The new weights lack {fqn!r}, which derived engine constants are computed "
+                "from. Give it too."
+            )
+    return inputs
+
+
 def _check_casts(sources: dict[str, torch.Tensor], cast: dict[str, torch.Tensor]) -> None:
-    for fqn, value in cast.items():
+    """A narrowing cast must not turn a finite weight into inf (fp32 1e6 into float16)."""
+    narrowed = {
+        fqn: value
+        for fqn, value in cast.items()
+        if value.is_floating_point() and value.element_size() < sources[fqn].element_size()
+    }
+    for fqn in nonfinite(narrowed):
         src = sources[fqn]
-        if value.dtype == src.dtype or not value.is_floating_point():
-            continue
-        if not bool(torch.isfinite(value).all()) and bool(torch.isfinite(src).all()):
+        if bool(torch.isfinite(src).all()):
             raise WeightValueError(
-                f"Weight {fqn!r} overflows {value.dtype} (largest magnitude "
+                f"Weight {fqn!r} overflows {cast[fqn].dtype} (largest magnitude "
                 f"{src.abs().max().item():.4g}); it would become inf. Rescale it, or compile "
                 "with a wider dtype."
             )
 
 
+def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Keys of tensors holding inf or NaN, with one device sync per device when none do."""
+    by_device: dict[torch.device, list[str]] = {}
+    for key, value in tensors.items():
+        by_device.setdefault(value.device, []).append(key)
+    bad: list[str] = []
+    for keys in by_device.values():
+        values = [tensors[k] for k in keys if tensors[k].numel()]
+        if not values:
+            continue
+        peaks = torch.stack(torch._foreach_norm(values, float("inf")))
+        if not bool(torch.isfinite(peaks).all()):
+            bad += [k for k in keys if not bool(torch.isfinite(tensors[k]).all())]
+    return bad
+
+
 def validate(values: dict[str, torch.Tensor], state: RefitState) -> None:
+    """Shape, dtype and device of every value; finiteness of what a weight program made."""
     for key, value in values.items():
         dst = state.store[key]
-        if value.shape != dst.shape or value.dtype != dst.dtype or value.device != dst.device:
+        movable = value.device == dst.device or value.device.type == "cpu"
+        if value.shape != dst.shape or value.dtype != dst.dtype or not movable:
             raise IncompatibleWeightsError(
                 f"Engine constant {key!r} would become {value.dtype}{list(value.shape)} on "
                 f"{value.device}; the engine holds {dst.dtype}{list(dst.shape)} on {dst.device}. "
                 "Refit with weights of the compiled architecture."
             )
-        if value.is_floating_point() and dst.element_size() < 4 and not bool(torch.isfinite(value).all()):
-            lineage = state.lineage[key]
-            raise WeightValueError(
-                f"Engine constant {key!r} (computed from {list(lineage.sources)}) is not "
-                f"finite in {dst.dtype}. Check those weights for inf or NaN."
-            )
+    derived = {
+        k: v for k, v in values.items() if state.lineage[k].kind == "program" and v.is_floating_point()
+    }
+    for key in nonfinite(derived):
+        raise WeightValueError(
+            f"Engine constant {key!r} (computed from {list(state.lineage[key].sources)}) is not "
+            f"finite in {values[key].dtype}. Check those weights for inf, NaN or a batch norm "
+            "variance below -eps."
+        )
 
 
 # -- commit and verify ------------------------------------------------------------------
@@ -291,11 +328,7 @@ def _fresh_copy(module: CompiledModule, values: dict[str, torch.Tensor]) -> Comp
     """A module sharing the compiled engines, with its own weight store."""
     from .serialize import clone_module
 
-    old = module._torchrefit.store
-    tensors = {
-        k: torch.empty_like(t) if k in values else t.clone() for k, t in old.tensors.items()
-    }
-    return clone_module(module, WeightStore(tensors))
+    return clone_module(module, module._torchrefit.store.clone())
 
 
 def _verify(

@@ -46,7 +46,7 @@ def save(module: CompiledModule, path: str) -> None:
     }
     from safetensors.torch import save as save_tensors
 
-    weights = save_tensors({k: t.detach().cpu().contiguous() for k, t in state.store.tensors.items()})
+    weights = save_tensors({k: t.detach().to("cpu", copy=True) for k, t in state.store.tensors.items()})
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
         archive.writestr("metadata.json", json.dumps(metadata, indent=1))
         archive.writestr("weights.safetensors", weights)

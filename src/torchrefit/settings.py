@@ -57,6 +57,10 @@ class Settings:
     inductor_options: tuple[tuple[str, Any], ...] = _affects_engine(
         (), "Extra Inductor options, as (name, value) pairs."
     )
+    cuda_graphs: bool = _runtime(
+        False,
+        "Replay each input shape's call as a CUDA graph (inputs copied in, outputs copied out).",
+    )
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

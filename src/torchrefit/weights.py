@@ -40,14 +40,38 @@ class WeightProgram:
         return cls(graph_from_json(data["graph"]), list(data["inputs"]), list(data["outputs"]))
 
 
+ALIGN_BYTES = 256  # what cudaMalloc gives: vectorized kernels read aligned views at full speed
+
+
 class WeightStore:
     """Every engine and fallback constant, by key (source FQN, or "~name" for derived).
 
-    Engines hold these very tensors; a refit copies into them, so addresses never change.
+    Constants are views into one flat arena per device and dtype, so a refit can be a few
+    batched copies (or one flat copy). Engines hold these very tensors and a refit copies
+    into them: addresses never change (invariant 4).
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors = tensors
+    def __init__(self, values: dict[str, torch.Tensor]) -> None:
+        self.arenas: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self.tensors: dict[str, torch.Tensor] = {}
+        layout: dict[tuple[torch.device, torch.dtype], list[tuple[str, int]]] = {}
+        sizes: dict[tuple[torch.device, torch.dtype], int] = {}
+        for key, value in values.items():
+            group = (value.device, value.dtype)
+            step = max(1, ALIGN_BYTES // value.element_size())
+            start = sizes.get(group, 0)
+            layout.setdefault(group, []).append((key, start))
+            sizes[group] = start + -(-value.numel() // step) * step
+        for group, entries in layout.items():
+            device, dtype = group
+            arena = torch.empty(max(sizes[group], 1), dtype=dtype, device=device)
+            self.arenas[group] = arena
+            for key, start in entries:
+                value = values[key]
+                view = arena[start : start + value.numel()].view(value.shape)
+                with torch.no_grad():
+                    view.copy_(value)
+                self.tensors[key] = view
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.tensors[key]
@@ -56,19 +80,35 @@ class WeightStore:
         return list(self.tensors)
 
     def clone(self) -> WeightStore:
-        return WeightStore({k: t.clone() for k, t in self.tensors.items()})
+        return WeightStore(self.tensors)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.arenas))[0] if self.arenas else torch.device("cpu")
 
     def commit(self, values: dict[str, torch.Tensor]) -> None:
-        """Copy validated values in, batched per device. Call only after validation."""
-        groups: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        """Copy validated values in. Call only after validation: nothing here can fail.
+
+        Same-device values go in batched copies; host values are copied straight into the
+        engines' buffers (asynchronously from pinned memory).
+        """
+        groups: dict[tuple[torch.device, torch.device], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for key, value in values.items():
             dst = self.tensors[key]
-            dsts, srcs = groups.setdefault(dst.device, ([], []))
+            dsts, srcs = groups.setdefault((dst.device, value.device), ([], []))
             dsts.append(dst)
             srcs.append(value)
         with torch.no_grad():
-            for dsts, srcs in groups.values():
-                torch._foreach_copy_(dsts, srcs)
+            for (dst_device, src_device), (dsts, srcs) in groups.items():
+                if dst_device == src_device:
+                    torch._foreach_copy_(dsts, srcs)
+                    continue
+                pinned = False
+                for dst, src in zip(dsts, srcs, strict=True):
+                    pinned |= src.is_pinned()
+                    dst.copy_(src, non_blocking=src.is_pinned())
+                if pinned and dst_device.type == "cuda":  # the caller may reuse its buffers at once
+                    torch.cuda.current_stream(dst_device).synchronize()
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())

@@ -1,0 +1,46 @@
+"""On CUDA: Inductor engines in float16, refitted from GPU and CPU weights. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+import torchrefit
+
+from cases import CASES
+from helpers import assert_differs, assert_matches, run_eager
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("name", ["conv_bn", "bert", "gpt2"])
+def test_cuda_float16_refit_matches_eager(name: str) -> None:
+    case = CASES[name]
+    a = case.build(0).cuda().half()
+    b = case.build(1).cuda().half()
+    inputs = lambda: tuple(x.cuda().half() if x.is_floating_point() else x.cuda() for x in case.inputs())  # noqa: E731
+    compiled = torchrefit.compile(a, inputs())
+    x = inputs()
+    assert_matches(compiled(*x), run_eager(a, *x))
+    torchrefit.refit_module_weights(compiled, b, in_place=True)
+    x = inputs()
+    assert_matches(compiled(*x), run_eager(b, *x))
+    assert_differs(compiled(*x), run_eager(a, *x))
+    cpu_weights = {k: v.cpu() for k, v in case.build(2).half().state_dict().items()}
+    torchrefit.refit_module_weights(compiled, cpu_weights, in_place=True)
+    c = case.build(2).cuda().half()
+    assert_matches(compiled(*x), run_eager(c, *x))
+
+
+def test_cuda_dtype_setting_from_float32_model(tmp_path) -> None:
+    case = CASES["conv_bn"]
+    a, b = case.build(0).cuda(), case.build(1).cuda()
+    compiled = torchrefit.compile(a, tuple(x.cuda() for x in case.inputs()), dtype="float16")
+    torchrefit.refit_module_weights(compiled, b, in_place=True)
+    x = tuple(t.cuda() for t in case.inputs())
+    assert_matches(compiled(*x), run_eager(copy.deepcopy(b).half(), x[0].half()))
+    path = str(tmp_path / "m.trf")
+    torchrefit.save(compiled, path)
+    loaded = torchrefit.load(path)
+    assert_matches(loaded(*x), run_eager(copy.deepcopy(b).half(), x[0].half()))

@@ -19,6 +19,7 @@ from .errors import (
 )
 from .module import CompiledModule, Engine, Fallback, InputError
 from .refit import refit_module_weights
+from .refitter import Refitter
 from .serialize import load, save
 from .settings import Settings
 
@@ -35,6 +36,7 @@ __all__ = [
     "LineageError",
     "MissingWeightError",
     "RefitVerificationError",
+    "Refitter",
     "SerializationError",
     "Settings",
     "SettingsError",

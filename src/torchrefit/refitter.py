@@ -1,0 +1,85 @@
+"""A refit bound to fixed source tensors: validated once, then each call copies their
+current values into the engines, replayed as a CUDA graph where it can be.
+
+For loops that update weights in place (an optimizer's step, an RL learner, a pinned host
+buffer refilled from a checkpoint) and push them into inference every few steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from .errors import WeightValueError
+from .module import CompiledModule
+from .refit import Matched, _fast, _refittable, evaluate, validate
+from .read import read_weights
+
+logger = logging.getLogger("torchrefit")
+
+
+class Refitter:
+    """`Refitter(compiled, weights)()` refits `compiled` from `weights`' current values.
+
+    `weights` is an nn.Module or a state_dict; its tensors are bound once (by identity, not
+    by name): after replacing a tensor object, make a new Refitter. Each call is all or
+    nothing, like `refit_module_weights(..., in_place=True)`.
+    """
+
+    def __init__(self, compiled: CompiledModule, weights: Any, *, cuda_graph: bool = True) -> None:
+        self.state = _refittable(compiled)
+        self.matched: Matched = _fast(read_weights(weights, self.state.specs), self.state)
+        self.keys = [k for k in self.state.store.keys() if k in self.matched.tensors or self.state.lineage[k].kind == "program"]
+        self._compute_graph: torch.cuda.CUDAGraph | None = None
+        if cuda_graph and self._capturable():
+            self._capture()
+
+    def __call__(self) -> None:
+        if self._compute_graph is None:
+            values = evaluate(self.matched, self.state)
+            validate(values, self.state)
+            self.state.store.commit(values)
+            return
+        self._compute_graph.replay()
+        if not bool(self._ok):  # the one host sync: nothing has been written yet
+            values = evaluate(self.matched, self.state)
+            validate(values, self.state)  # raises, naming the weight
+            raise WeightValueError("A derived engine constant is not finite; nothing was written.")
+        self._copy_graph.replay()
+
+    def _capturable(self) -> bool:
+        device = self.state.store.device
+        if device.type != "cuda":
+            return False
+        return all(t.device == device or t.is_pinned() for t in self.matched.tensors.values())
+
+    def _compute(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """New values and one device flag saying they are all finite; no host sync."""
+        device = self.state.store.device
+        cast = {f: t.to(device=device, dtype=self.state.engine_dtypes[f], non_blocking=True) for f, t in self.matched.tensors.items()}
+        derived = self.matched.weight_program({f: cast.get(f, self.state.store.tensors.get(f)) for f in self.matched.weight_program.inputs})
+        values = {k: derived[k] if k in derived else cast[k] for k in self.keys}
+        checked = [
+            v for k, v in values.items()
+            if v.is_floating_point() and v.numel() and (k in derived or v.element_size() < self.matched.tensors[k].element_size())
+        ]
+        if not checked:
+            return values, torch.ones((), dtype=torch.bool, device=device)
+        return values, torch.isfinite(torch.stack(torch._foreach_norm(checked, float("inf")))).all()
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            self._compute()
+        torch.cuda.current_stream().wait_stream(side)
+        self._compute_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._compute_graph), torch.no_grad():
+            values, self._ok = self._compute()
+        dsts = [self.state.store[k] for k in values]
+        self._copy_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._copy_graph), torch.no_grad():
+            torch._foreach_copy_(dsts, list(values.values()))
+        logger.info("refit of %d constants captured as CUDA graphs", len(values))

@@ -401,6 +401,20 @@ def test_compiled_module_owns_its_weights():
     assert_identical(before_b, run_eager(refitted, *inputs))
 
 
+def _sequential() -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 4))
+
+
+def test_sequential_model_refits():
+    """nn.Sequential (forward's argument is named `input`) compiles, and refits without stale weights."""
+    case = Case(_sequential, MLP.inputs)
+    model_a, model_b = case.model(0), case.model(1)
+    refitted = torchrefit.refit_module_weights(case.compile(model_a), model_b)
+    inputs = case.inputs()
+    assert_matches(run_eager(refitted, *inputs), run_eager(model_b, *inputs))
+    assert_differs(run_eager(refitted, *inputs), run_eager(model_a, *inputs))
+
+
 # -- a failed in-place refit changes nothing ------------------------------------------------
 
 

@@ -1,0 +1,24 @@
+"""The benchmark harness keeps working: a CPU smoke run on a tiny model (no timing claims)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_cpu_benchmark_runs_and_checks_every_refit(tmp_path) -> None:
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "refit_bench.py"), "--device", "cpu", "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = (tmp_path / "benchmarks.md").read_text()
+    assert "refit: refit_module_weights, ExportedProgram (ms)" in report
+    errors = [line for line in report.splitlines() if line.startswith("| check: rel. error")]
+    assert errors
+    for line in errors:
+        value = float(line.rsplit("|", 2)[1])
+        assert value < 1e-4, line

@@ -31,7 +31,6 @@ import torch
 import torchrefit
 from torchrefit.verify import relative_error
 
-
 # -- models -------------------------------------------------------------------------------
 
 
@@ -145,7 +144,6 @@ def bandwidths(nbytes: int, device: str) -> dict[str, float]:
         "h2d_pinned_GBps": nbytes / median_ms(lambda: b.copy_(pinned, non_blocking=True), device) / 1e6,
         "h2d_pageable_GBps": nbytes / median_ms(lambda: b.copy_(pageable), device) / 1e6,
     }
-    del a, b, pinned, pageable
     return result
 
 

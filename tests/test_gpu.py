@@ -44,3 +44,23 @@ def test_cuda_dtype_setting_from_float32_model(tmp_path) -> None:
     torchrefit.save(compiled, path)
     loaded = torchrefit.load(path)
     assert_matches(loaded(*x), run_eager(copy.deepcopy(b).half(), x[0].half()))
+
+
+def test_cuda_graph_replay_sees_refits_and_refitter_graphs() -> None:
+    case = CASES["conv_bn"]
+    a, b = case.build(0).cuda().half(), case.build(1).cuda().half()
+    x = tuple(t.cuda().half() for t in case.inputs())
+    compiled = torchrefit.compile(a, x, cuda_graphs=True)
+    assert_matches(compiled(*x), run_eager(a, *x))  # captures
+    refitter = torchrefit.Refitter(compiled, b)
+    assert refitter._compute_graph is not None
+    refitter()
+    y = tuple(t.cuda().half() for t in case.inputs())
+    assert_matches(compiled(*y), run_eager(b, *y))  # the captured graph reads the new weights
+    with torch.no_grad():
+        for p in b.parameters():
+            p.mul_(-1.0)
+    refitter()
+    assert_matches(compiled(*y), run_eager(b, *y))
+    torchrefit.refit_module_weights(compiled, a, in_place=True)
+    assert_matches(compiled(*y), run_eager(a, *y))

@@ -253,3 +253,32 @@ def test_dtype_setting_casts_weights_and_inputs(dtype: torch.dtype) -> None:
     out = refitted(*x)  # float32 inputs are cast to the engine dtype
     assert out.dtype == dtype
     assert_matches(out, run_eager(copy.deepcopy(b).to(dtype), x[0].to(dtype)))
+
+
+def test_refitter_reads_the_bound_tensors_current_values() -> None:
+    case = CASES["conv_bn"]
+    a, b = case.build(0), case.build(1)
+    compiled = torchrefit.compile(a, case.inputs(), **EAGER)
+    refitter = torchrefit.Refitter(compiled, b)
+    for step in range(3):
+        with torch.no_grad():  # a training step, in place
+            for p in b.parameters():
+                p.mul_(0.9).add_(0.01 * step)
+            b.bn1.running_var.add_(0.5)
+        refitter()
+        x = case.inputs()
+        assert_matches(compiled(*x), run_eager(b, *x))
+
+
+def test_refitter_refuses_non_finite_folded_weights_and_changes_nothing() -> None:
+    case = CASES["conv_bn"]
+    a, b = case.build(0), case.build(1)
+    compiled = torchrefit.compile(a, case.inputs(), **EAGER)
+    refitter = torchrefit.Refitter(compiled, b)
+    x = case.inputs()
+    before = compiled(*x)
+    with torch.no_grad():
+        b.bn2.running_var.fill_(-1.0)  # rsqrt of a negative: NaN folded weights
+    with pytest.raises(torchrefit.WeightValueError, match="bn_folded"):
+        refitter()
+    assert torch.equal(compiled(*x), before)

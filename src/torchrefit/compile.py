@@ -101,7 +101,8 @@ def build(
 
 
 def _is_weight_arg(lowered: LoweredProgram, arg: Any) -> bool:
-    return isinstance(arg, fx.Node) and arg.op == "placeholder" and lowered.roles[arg.name].is_weight
+    # split_module may rename a placeholder ("input" -> "input_1"); its target keeps the name
+    return isinstance(arg, fx.Node) and arg.op == "placeholder" and lowered.roles[arg.target].is_weight
 
 
 def _child_name(kind: str, root: torch.nn.Module) -> str:
@@ -114,7 +115,7 @@ def _split_placeholders(sub: fx.GraphModule, call: fx.Node, lowered: LoweredProg
     weights, activations = [], []
     for ph, arg in zip(placeholders, call.args, strict=True):
         if _is_weight_arg(lowered, arg):
-            weights.append((ph, str(lowered.roles[arg.name].key)))
+            weights.append((ph, str(lowered.roles[arg.target].key)))
         else:
             activations.append(ph)
     return weights, activations
@@ -166,10 +167,10 @@ def _build_fallback(sub: fx.GraphModule, call: fx.Node, lowered: LoweredProgram)
 
 def _drop_weight_placeholders(graph: fx.Graph, lowered: LoweredProgram) -> None:
     for node in list(graph.nodes):
-        if node.op == "placeholder" and lowered.roles[node.name].is_weight:
+        if node.op == "placeholder" and lowered.roles[node.target].is_weight:
             if node.users:
                 raise UnsupportedGraphError(
-                    f"The model returns weight {lowered.roles[node.name].key!r} itself as an "
+                    f"The model returns weight {lowered.roles[node.target].key!r} itself as an "
                     "output; torchrefit does not hand out its engine buffers. Return a copy "
                     "(weight.clone()) from forward."
                 )

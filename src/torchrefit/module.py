@@ -10,12 +10,12 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.fx._pytree import tree_flatten_spec
 
+from .cuda_graphs import CudaGraphs
 from .engine.base import Runner
 from .errors import TorchRefitError
 from .export import WeightSpec
 from .lower.context import Lineage
 from .settings import Settings
-from .cuda_graphs import CudaGraphs
 from .weights import WeightProgram, WeightStore
 
 

@@ -96,6 +96,8 @@ def match(
         lines = describe(new.program.graph, _labels(new.program, with_names=True))
         if use_cache and fingerprint(lines, state.settings.engine_key()) == state.fingerprint:
             return _fast(new, state)
+        if _same_names(new, state):
+            _by_fqn(new, state)  # a wrong shape or dtype is named as such, not as another graph
         return _slow(new, state, arg_inputs, kwarg_inputs)
     if use_cache or new.module is None:
         return _fast(new, state)
@@ -106,6 +108,11 @@ def match(
         )
     exported = export_model(new.module, arg_inputs, kwarg_inputs)
     return _slow(NewWeights(source_tensors(exported), "exported_program", program=exported), state, arg_inputs, kwarg_inputs)
+
+
+def _same_names(new: NewWeights, state: RefitState) -> bool:
+    names = {state.aliases.get(k, k) for k in new.tensors}
+    return names == set(state.specs)
 
 
 def _labels(program: Any, with_names: bool) -> dict[str, str]:

@@ -14,8 +14,8 @@ import torch
 
 from .errors import WeightValueError
 from .module import CompiledModule
-from .refit import Matched, _fast, _refittable, evaluate, validate
 from .read import read_weights
+from .refit import Matched, _fast, _refittable, evaluate, validate
 
 logger = logging.getLogger("torchrefit")
 

@@ -61,17 +61,45 @@ def load(path: str) -> CompiledModule:
         raise SerializationError(f"{path!r} is not a torchrefit file ({exc}).") from exc
     with archive:
         metadata = _read_metadata(archive, path)
-        from safetensors.torch import load as load_tensors
-
-        tensors = load_tensors(archive.read("weights.safetensors"))
-        state = _state_from_json(metadata["state"], tensors)
-        root = torch.nn.Module()
-        for child in metadata["children"]:
-            root.add_module(child["name"], _child_from_json(child, archive, state.settings, path))
-    compiled = CompiledModule(root, graph_from_json(metadata["graph"]))
+        try:
+            state = _state_from_json(metadata["state"], _read_weights(archive, path))
+            root = torch.nn.Module()
+            for child in metadata["children"]:
+                root.add_module(child["name"], _child_from_json(child, archive, state.settings, path))
+            graph = graph_from_json(metadata["graph"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SerializationError(
+                f"{path!r} is incomplete or malformed ({type(exc).__name__}: {exc}). Save the "
+                "module again."
+            ) from exc
+    compiled = CompiledModule(root, graph)
     compiled._torchrefit = state
     compiled.bind(state.store)
     return compiled
+
+
+def _read_weights(archive: zipfile.ZipFile, path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load as load_tensors
+
+    try:
+        return load_tensors(archive.read("weights.safetensors"))
+    except Exception as exc:
+        raise SerializationError(
+            f"{path!r} holds no readable weights.safetensors ({exc}). Save the module again."
+        ) from exc
+
+
+def _checked_tensor(key: str, spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    tensor = tensors.get(key)
+    if tensor is None:
+        raise SerializationError(f"weights.safetensors lacks engine constant {key!r}.")
+    if list(tensor.shape) != spec["shape"] or dtype_name(tensor.dtype) != spec["dtype"]:
+        raise SerializationError(
+            f"Engine constant {key!r} is stored as {tensor.dtype}{list(tensor.shape)}; the "
+            f"metadata records {spec['dtype']}{spec['shape']}. The file was changed or "
+            "corrupted; save the module again."
+        )
+    return tensor
 
 
 def clone_module(module: CompiledModule, store: WeightStore) -> CompiledModule:
@@ -163,7 +191,10 @@ def _state_to_json(state: RefitState) -> dict[str, Any]:
         "engine_dtypes": {k: dtype_name(v) for k, v in state.engine_dtypes.items()},
         "weight_program": state.weight_program.to_json(),
         "lineage": {k: v.to_json() for k, v in state.lineage.items()},
-        "devices": {k: str(t.device) for k, t in state.store.tensors.items()},
+        "store": {
+            k: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "device": str(t.device)}
+            for k, t in state.store.tensors.items()
+        },
         "in_spec": pytree.treespec_dumps(state.in_spec),
         "out_spec": pytree.treespec_dumps(state.out_spec),
         "guards": [None if g is None else [dtype_name(g.dtype), str(g.device), g.ndim] for g in state.guards],
@@ -173,8 +204,7 @@ def _state_to_json(state: RefitState) -> dict[str, Any]:
 
 
 def _state_from_json(data: dict[str, Any], tensors: dict[str, torch.Tensor]) -> RefitState:
-    devices = data["devices"]
-    store = WeightStore({k: tensors[k].to(devices[k]) for k in devices})
+    store = WeightStore({k: _checked_tensor(k, spec, tensors).to(spec["device"]) for k, spec in data["store"].items()})
     cast = data["cast_inputs_to"]
     return RefitState(
         settings=Settings.from_json(data["settings"]),

@@ -357,6 +357,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="skip torch.compile, AOTInductor, large")
     parser.add_argument("--large", action="store_true", help="also the 1.5 GB wide MLP (GPU)")
+    parser.add_argument("--no-aoti", action="store_true", help="skip the AOTInductor probe")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = args.device
@@ -368,7 +369,7 @@ def main() -> None:
     rows = []
     for name in models:
         row = bench_model(name, device, dtype, args.batch, args.quick)
-        if device == "cuda" and not args.quick:
+        if device == "cuda" and not args.quick and not args.no_aoti:
             row["aoti"] = aoti_probe(name)
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -282,3 +282,41 @@ def test_refitter_refuses_non_finite_folded_weights_and_changes_nothing() -> Non
     with pytest.raises(torchrefit.WeightValueError, match="bn_folded"):
         refitter()
     assert torch.equal(compiled(*x), before)
+
+
+def test_safetensors_file_refit_and_damaged_files(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    case = CASES["gpt2"]
+    a, b = case.build(0), case.build(1)
+    compiled = torchrefit.compile(a, case.inputs(), **EAGER)
+    path = tmp_path / "b.safetensors"
+    tensors = {k: v for k, v in b.state_dict().items() if k != "lm_head.weight"}  # tied: one copy
+    tensors["odd"] = torch.ones(3, dtype=torch.int8)  # makes later tensors misaligned
+    save_file({"odd": tensors.pop("odd"), **tensors}, str(path))
+    with pytest.raises(torchrefit.UnexpectedWeightError, match="odd"):
+        torchrefit.refit_module_weights(compiled, str(path))
+    save_file(tensors, str(path))
+    refitted = torchrefit.refit_module_weights(compiled, str(path))
+    x = case.inputs()
+    assert_matches(refitted(*x), run_eager(b, *x))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 10])
+    with pytest.raises(torchrefit.IncompatibleWeightsError, match="do not fit|ends early"):
+        torchrefit.refit_module_weights(compiled, str(path))
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(torchrefit.IncompatibleWeightsError, match="safetensors"):
+        torchrefit.refit_module_weights(compiled, str(path))
+    assert_matches(compiled(*x), run_eager(a, *x))
+
+
+def test_misaligned_safetensors_tensors_are_read_right(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from torchrefit.read import read_safetensors
+
+    values = {"a": torch.ones(3, dtype=torch.int8), "b": torch.randn(5, 7), "c": torch.randn(2, dtype=torch.float16)}
+    save_file(values, str(tmp_path / "m.safetensors"))
+    read = read_safetensors(str(tmp_path / "m.safetensors"))
+    for k, v in values.items():
+        assert torch.equal(read[k], v), k

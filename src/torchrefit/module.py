@@ -101,6 +101,7 @@ class RefitState:
     guards: list[InputGuard]
     lowered_order: list[str] = field(default_factory=list)  # source FQNs by lowered position
     cast_inputs_to: torch.dtype | None = None
+    host_buffer: torch.Tensor | None = None  # reused by refits from files
 
 
 class CompiledModule(fx.GraphModule):

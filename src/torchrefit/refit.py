@@ -53,7 +53,7 @@ def refit_module_weights(
     """Replace the compiled module's weights; all or nothing. Returns the refitted module."""
     started = time.perf_counter()
     state = _refittable(compiled_module)
-    new = read_weights(new_weight_module, state.specs)
+    new = read_weights(new_weight_module, state.specs, lambda n: _host_buffer(state, n))
     matched = match(new, state, use_weight_map_cache, arg_inputs, kwarg_inputs)
     values = evaluate(matched, state)
     validate(values, state)
@@ -79,6 +79,15 @@ def _refittable(module: Any) -> RefitState:
             "folded weights and cannot be refitted. Compile with immutable_weights=False."
         )
     return state
+
+
+def _host_buffer(state: RefitState, nbytes: int) -> torch.Tensor:
+    """A host buffer for reading weight files, kept for the next refit; pinned for a GPU."""
+    buffer = state.host_buffer
+    if buffer is None or buffer.numel() < nbytes:
+        buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=state.store.device.type == "cuda")
+        state.host_buffer = buffer
+    return buffer
 
 
 # -- match ------------------------------------------------------------------------------

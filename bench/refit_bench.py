@@ -150,14 +150,17 @@ def bandwidths(nbytes: int, device: str) -> dict[str, float]:
 # -- one model ----------------------------------------------------------------------------
 
 
-def bench_model(name: str, device: str, dtype: torch.dtype, batch: int, quick: bool) -> dict[str, Any]:
-    row: dict[str, Any] = {"model": name}
+def bench_model(label: str, device: str, dtype: torch.dtype, batch: int, quick: bool, peers: bool = True) -> dict[str, Any]:
+    """`label` is a model name, optionally with @fold or @nofold (fold_batch_norm)."""
+    row: dict[str, Any] = {"model": label}
+    name, _, variant = label.partition("@")
+    settings = {"fold_batch_norm": variant == "fold"} if variant else {}
     a, b = build(name, 0, device, dtype), build(name, 1, device, dtype)
     x = inputs(name, device, dtype, batch)
     row["weights_MB"] = sum(t.numel() * t.element_size() for t in a.state_dict().values()) / 1e6
 
     started = time.perf_counter()
-    compiled = torchrefit.compile(a, x)
+    compiled = torchrefit.compile(a, x, **settings)
     row["compile_s"] = time.perf_counter() - started
     graphed = torchrefit.refit_module_weights(compiled, a)  # shares engines; own weights
     graphed = _with_cuda_graphs(graphed, device)
@@ -168,7 +171,8 @@ def bench_model(name: str, device: str, dtype: torch.dtype, batch: int, quick: b
         if graphed is not None:
             row["torchrefit_cudagraph_ms"] = event_ms(lambda: graphed(*x), device)
             row["err_cudagraph"] = error(graphed(*x), a(*x))
-        if not quick:
+        if not quick and peers:
+            row["reference_standalone_cudagraph_ms"] = reference_standalone(a, x)
             started = time.perf_counter()
             tc = torch.compile(a)
             tc(*x)
@@ -180,6 +184,28 @@ def bench_model(name: str, device: str, dtype: torch.dtype, batch: int, quick: b
     row.update(bandwidths(nbytes, device))
     row["copy_bound_ms"] = 2 * nbytes / row["d2d_GBps"] / 1e6
     return row
+
+
+def reference_standalone(model: torch.nn.Module, x: tuple[torch.Tensor, ...]) -> float:
+    """The plain recipe on the same card: Inductor's standalone_compile of the exported graph
+    with its weights as inputs, replayed as a CUDA graph (no torchrefit lowering)."""
+    from torch._inductor import standalone_compile
+
+    ep = torch.export.export(model, x).run_decompositions()
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    weights = {**ep.state_dict, **ep.constants}
+    user = iter(x)
+    args = [weights[s.target] if s.target is not None else next(user) for s in ep.graph_signature.input_specs]
+    assert len(args) == len(placeholders)
+    with torch.no_grad():
+        art = standalone_compile(ep.graph_module, [n.meta["val"] for n in placeholders])
+        for _ in range(3):
+            art(*args)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            art(*args)
+    return event_ms(graph.replay, "cuda")
 
 
 def _with_cuda_graphs(module: torchrefit.CompiledModule, device: str):
@@ -232,6 +258,9 @@ def bench_refits(name, compiled, graphed, a, b, x, device, quick) -> dict[str, A
         path = os.path.join(tmp, "b.safetensors")
         save_file({k: v.contiguous().cpu() for k, v in _untied(b).items()}, path)
         row["refit_safetensors_ms"] = median_ms(lambda: refit(compiled, path, in_place=True), device, warmup=1, iters=5)
+        from safetensors.torch import load_file
+
+        row["plain_safetensors_load_ms"] = median_ms(lambda: load_file(path, device=device), device, warmup=1, iters=5)
         check("safetensors", compiled, b)
 
     ep = torch.export.export(a, x)
@@ -318,6 +347,7 @@ ROWS = [
     ("torch_compile_ms", "inference: torch.compile default (ms)", "{:.3f}"),
     ("torchrefit_ms", "inference: torchrefit (ms)", "{:.3f}"),
     ("torchrefit_cudagraph_ms", "inference: torchrefit, cuda_graphs=True (ms)", "{:.3f}"),
+    ("reference_standalone_cudagraph_ms", "reference: standalone_compile, weights as inputs, CUDA graph (ms)", "{:.3f}"),
     ("refitter_device_ms", "refit: Refitter from tensors on the device (ms)", "{:.3f}"),
     ("refit_state_dict_device_ms", "refit: refit_module_weights, state_dict on the device (ms)", "{:.3f}"),
     ("refit_exported_program_ms", "refit: refit_module_weights, ExportedProgram (ms)", "{:.2f}"),
@@ -325,6 +355,7 @@ ROWS = [
     ("refit_pinned_host_ms", "refit: refit_module_weights, pinned host (ms)", "{:.3f}"),
     ("refit_pageable_host_ms", "refit: refit_module_weights, pageable host (ms)", "{:.3f}"),
     ("refit_safetensors_ms", "refit: refit_module_weights, safetensors file (ms)", "{:.2f}"),
+    ("plain_safetensors_load_ms", "plain: safetensors load_file(device=...) of the same file (ms)", "{:.2f}"),
     ("eager_load_state_dict_ms", "peer: eager load_state_dict (ms)", "{:.3f}"),
     ("torch_compile_s", "peer: torch.compile first call = recompile (s)", "{:.1f}"),
     ("aoti", "peer: AOTInductor compile + load (subprocess)", "{}"),
@@ -367,8 +398,11 @@ def main() -> None:
     header = f"{card}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}, batch {args.batch}, {time.strftime('%Y-%m-%d')}"
     print(header, flush=True)
     rows = []
+    seen: set[str] = set()
     for name in models:
-        row = bench_model(name, device, dtype, args.batch, args.quick)
+        base = name.partition("@")[0]
+        row = bench_model(name, device, dtype, args.batch, args.quick, peers=base not in seen and device == "cuda")
+        seen.add(base)
         if device == "cuda" and not args.quick and not args.no_aoti:
             row["aoti"] = aoti_probe(name)
         print(json.dumps(row), flush=True)

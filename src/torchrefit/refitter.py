@@ -8,10 +8,12 @@ buffer refilled from a checkpoint) and push them into inference every few steps.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from .copy_kernel import GatherCopy, gather_copy_works
 from .errors import WeightValueError
 from .module import CompiledModule
 from .read import read_weights
@@ -78,8 +80,26 @@ class Refitter:
         self._compute_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._compute_graph), torch.no_grad():
             values, self._ok = self._compute()
-        dsts = [self.state.store[k] for k in values]
+        copies = self._copies(values)
         self._copy_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._copy_graph), torch.no_grad():
-            torch._foreach_copy_(dsts, list(values.values()))
+            for copy in copies:
+                copy()
         logger.info("refit of %d constants captured as CUDA graphs", len(values))
+
+    def _copies(self, values: dict[str, torch.Tensor]) -> list[Callable[[], None]]:
+        """One gather-copy launch per arena where the kernel works, else batched copies."""
+        store = self.state.store
+        groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for key, value in values.items():
+            dst = store[key]
+            dsts, srcs = groups.setdefault((dst.device, dst.dtype), ([], []))
+            dsts.append(dst)
+            srcs.append(value)
+        copies: list[Callable[[], None]] = []
+        for (device, dtype), (dsts, srcs) in groups.items():
+            if gather_copy_works(device, dtype):
+                copies.append(GatherCopy(store.arenas[(device, dtype)], dsts, srcs))
+            else:
+                copies.append(lambda d=dsts, s=srcs: torch._foreach_copy_(d, s))
+        return copies

@@ -236,6 +236,7 @@ def bench_refits(name, compiled, graphed, a, b, x, device, quick) -> dict[str, A
     refitter = torchrefit.Refitter(compiled, b)
     refit(compiled, a, in_place=True)
     row["refitter_device_ms"] = median_ms(refitter, device, iters=50)
+    row["refitter_copy"] = ",".join(type(c).__name__ for c in getattr(refitter, "copy_plan", []))
     check("refitter_device", compiled, b)
     if graphed is not None:
         torchrefit.Refitter(graphed, b)()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 
@@ -92,7 +93,7 @@ class GatherCopy:
 @functools.cache
 def gather_copy_works(device: torch.device, dtype: torch.dtype) -> bool:
     """Run the kernel once on scratch tensors and compare: a broken Triton falls back."""
-    if not HAVE_TRITON or device.type != "cuda":
+    if not HAVE_TRITON or device.type != "cuda" or os.environ.get("TORCHREFIT_GATHER_COPY", "1") == "0":
         return False
     try:
         arena = torch.zeros(3 * BLOCK + 4096, dtype=dtype, device=device)

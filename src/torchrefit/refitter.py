@@ -80,7 +80,7 @@ class Refitter:
         self._compute_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._compute_graph), torch.no_grad():
             values, self._ok = self._compute()
-        copies = self._copies(values)
+        copies = self.copy_plan = self._copies(values)
         self._copy_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._copy_graph), torch.no_grad():
             for copy in copies:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,7 @@ from models import (
 class Case:
     build: Callable[[int], torch.nn.Module]
     inputs: Callable[[], tuple[torch.Tensor, ...]]
+    settings: dict = field(default_factory=dict)
 
 
 def _ids(vocab: int, shape: tuple[int, int] = (2, 8)) -> Callable[[], tuple[torch.Tensor, ...]]:
@@ -32,6 +33,9 @@ def _ids(vocab: int, shape: tuple[int, int] = (2, 8)) -> Callable[[], tuple[torc
 
 CASES = {
     "conv_bn": Case(lambda s: randomize(ConvBNWithRunningStats(), s), lambda: (torch.randn(2, 3, 12, 12),)),
+    "conv_bn_folded": Case(
+        lambda s: randomize(ConvBNWithRunningStats(), s), lambda: (torch.randn(2, 3, 12, 12),), {"fold_batch_norm": True}
+    ),
     "mlp": Case(lambda s: randomize(MLP(), s), lambda: (torch.randn(4, 16),)),
     "scalar_constant": Case(lambda s: randomize(LiftedScalarConstant(), s), lambda: (torch.randn(3, 8),)),
     "tied_embeddings": Case(lambda s: randomize(TiedEmbeddings(), s), _ids(20, (2, 5))),

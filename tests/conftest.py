@@ -14,7 +14,7 @@ import torchrefit  # noqa: E402
 
 from cases import CASES  # noqa: E402
 
-INDUCTOR_CASES = ("conv_bn", "bert", "gpt2")
+INDUCTOR_CASES = ("conv_bn_folded", "bert", "gpt2")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -38,5 +38,5 @@ def inductor_modules() -> dict[str, tuple[torch.nn.Module, torchrefit.CompiledMo
     for name in INDUCTOR_CASES:
         case = CASES[name]
         model = case.build(0)
-        compiled[name] = (model, torchrefit.compile(model, case.inputs(), backend="inductor"))
+        compiled[name] = (model, torchrefit.compile(model, case.inputs(), backend="inductor", **case.settings))
     return compiled

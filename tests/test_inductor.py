@@ -14,7 +14,7 @@ from models import ConvNet, randomize
 pytestmark = pytest.mark.inductor
 
 
-@pytest.mark.parametrize("name", ["conv_bn", "bert", "gpt2"])
+@pytest.mark.parametrize("name", ["conv_bn_folded", "bert", "gpt2"])
 def test_inductor_refit_matches_eager(inductor_modules, name: str) -> None:
     a, compiled = inductor_modules[name]
     case = CASES[name]
@@ -29,8 +29,8 @@ def test_inductor_refit_matches_eager(inductor_modules, name: str) -> None:
 
 
 def test_inductor_fast_and_slow_paths_with_verification(inductor_modules) -> None:
-    a, compiled = inductor_modules["conv_bn"]
-    case = CASES["conv_bn"]
+    a, compiled = inductor_modules["conv_bn_folded"]
+    case = CASES["conv_bn_folded"]
     for seed, use_cache in ((2, True), (3, False)):
         b = case.build(seed)
         x = case.inputs()

@@ -22,19 +22,19 @@ def _lowered(model: torch.nn.Module, inputs: tuple, **settings):
 
 
 def test_batch_norm_folding_removes_batch_norm_and_is_exact() -> None:
-    case = CASES["conv_bn"]
+    case = CASES["conv_bn_folded"]
     model = case.build(0)
-    program = _lowered(model, case.inputs())
+    program = _lowered(model, case.inputs(), **case.settings)
     targets = {n.target for n in program.gm.graph.nodes}
     assert torch.ops.aten._native_batch_norm_legit_no_training.default not in targets
-    compiled = torchrefit.compile(model, case.inputs(), backend="eager")
+    compiled = torchrefit.compile(model, case.inputs(), backend="eager", **case.settings)
     x = case.inputs()
     assert_matches(compiled(*x), run_eager(model, *x))
 
 
-def test_folding_can_be_turned_off() -> None:
+def test_folding_is_off_by_default() -> None:
     case = CASES["conv_bn"]
-    program = _lowered(case.build(0), case.inputs(), fold_batch_norm=False)
+    program = _lowered(case.build(0), case.inputs())
     targets = {n.target for n in program.gm.graph.nodes}
     assert torch.ops.aten._native_batch_norm_legit_no_training.default in targets
 
@@ -88,9 +88,9 @@ def test_placeholder_without_role_is_a_compile_time_error() -> None:
 
 
 def test_every_engine_constant_has_lineage() -> None:
-    for name in ("conv_bn", "bert", "gpt2", "tied_embeddings"):
+    for name in ("conv_bn_folded", "bert", "gpt2", "tied_embeddings"):
         case = CASES[name]
-        compiled = torchrefit.compile(case.build(0), case.inputs(), backend="eager")
+        compiled = torchrefit.compile(case.build(0), case.inputs(), backend="eager", **case.settings)
         keys = {k for child in compiled.children() for k in child.constant_keys}
         assert keys <= set(compiled.weight_map()), name
         for key, lineage in compiled.weight_map().items():

@@ -28,7 +28,7 @@ def _as(kind: str, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]):
 def test_refit_matches_eager_with_new_weights(name: str, kind: str) -> None:
     case = CASES[name]
     a, b = case.build(0), case.build(1)
-    compiled = torchrefit.compile(a, case.inputs(), **EAGER)
+    compiled = torchrefit.compile(a, case.inputs(), **EAGER, **case.settings)
     new = _as(kind, b, case.inputs())
     if kind == "state_dict" and name == "scalar_constant":
         pytest.skip("a plain tensor attribute is not in a state_dict: covered below")
@@ -136,9 +136,9 @@ def test_dynamic_batch_survives_refit() -> None:
 
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_fast_and_slow_path_both_right(use_cache: bool) -> None:
-    case = CASES["conv_bn"]
+    case = CASES["conv_bn_folded"]
     a, b = case.build(0), case.build(1)
-    compiled = torchrefit.compile(a, case.inputs(), **EAGER)
+    compiled = torchrefit.compile(a, case.inputs(), **EAGER, **case.settings)
     ep = torch.export.export(b, case.inputs())
     x = case.inputs()
     refitted = torchrefit.refit_module_weights(
@@ -218,8 +218,8 @@ def test_verification_failure_raises_and_rolls_back(monkeypatch: pytest.MonkeyPa
 
 
 def test_weight_map_records_batch_norm_folding() -> None:
-    case = CASES["conv_bn"]
-    compiled = torchrefit.compile(case.build(0), case.inputs(), **EAGER)
+    case = CASES["conv_bn_folded"]
+    compiled = torchrefit.compile(case.build(0), case.inputs(), **EAGER, **case.settings)
     folded = {k: v for k, v in compiled.weight_map().items() if v.kind == "program"}
     assert "~bn_folded:conv1.weight" in folded
     sources = set(folded["~bn_folded:conv1.bias"].sources)
@@ -255,10 +255,11 @@ def test_dtype_setting_casts_weights_and_inputs(dtype: torch.dtype) -> None:
     assert_matches(out, run_eager(copy.deepcopy(b).to(dtype), x[0].to(dtype)))
 
 
-def test_refitter_reads_the_bound_tensors_current_values() -> None:
-    case = CASES["conv_bn"]
+@pytest.mark.parametrize("name", ["conv_bn", "conv_bn_folded"])
+def test_refitter_reads_the_bound_tensors_current_values(name: str) -> None:
+    case = CASES[name]
     a, b = case.build(0), case.build(1)
-    compiled = torchrefit.compile(a, case.inputs(), **EAGER)
+    compiled = torchrefit.compile(a, case.inputs(), **EAGER, **case.settings)
     refitter = torchrefit.Refitter(compiled, b)
     for step in range(3):
         with torch.no_grad():  # a training step, in place
@@ -271,9 +272,9 @@ def test_refitter_reads_the_bound_tensors_current_values() -> None:
 
 
 def test_refitter_refuses_non_finite_folded_weights_and_changes_nothing() -> None:
-    case = CASES["conv_bn"]
+    case = CASES["conv_bn_folded"]
     a, b = case.build(0), case.build(1)
-    compiled = torchrefit.compile(a, case.inputs(), **EAGER)
+    compiled = torchrefit.compile(a, case.inputs(), **EAGER, **case.settings)
     refitter = torchrefit.Refitter(compiled, b)
     x = case.inputs()
     before = compiled(*x)

@@ -63,7 +63,8 @@ CASES = {
     "conv_net_fallbacks": Case(
         models.ConvNet, _images, {"torch_executed_ops": {"torch.ops.aten.convolution.default"}}
     ),
-    "conv_bn_folded": Case(models.ConvBNWithRunningStats, _images),
+    "conv_bn": Case(models.ConvBNWithRunningStats, _images),
+    "conv_bn_folded": Case(models.ConvBNWithRunningStats, _images, {"fold_batch_norm": True}),
     "lifted_constant": Case(models.LiftedScalarConstant, lambda: (torch.randn(4, 8),)),
     "tied_embeddings": Case(models.TiedEmbeddings, lambda: (torch.randint(0, 20, (4, 5)),)),
 }

@@ -58,7 +58,7 @@ def _images() -> tuple[torch.Tensor, ...]:
 FALLBACKS = {"torch_executed_ops": {"torch.ops.aten.convolution.default"}}
 CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[torch.Tensor, ...]], dict]] = {
     "mlp": (models.MLP, lambda: (torch.randn(4, 16),), {}),
-    "conv_bn_folded": (models.ConvBNWithRunningStats, _images, {}),
+    "conv_bn_folded": (models.ConvBNWithRunningStats, _images, {"fold_batch_norm": True}),
     "conv_net_fallbacks": (models.ConvNet, _images, FALLBACKS),
     "lifted_constant": (models.LiftedScalarConstant, lambda: (torch.randn(4, 8),), {}),
     "tied_embeddings": (models.TiedEmbeddings, lambda: (torch.randint(0, 20, (4, 5)),), {}),

@@ -80,6 +80,7 @@ class Refitter:
         self._compute_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._compute_graph), torch.no_grad():
             values, self._ok = self._compute()
+        self._values = values  # the graph writes here: keep the memory ours
         copies = self.copy_plan = self._copies(values)
         self._copy_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._copy_graph), torch.no_grad():

@@ -52,7 +52,9 @@ class Settings:
         "inductor", '"inductor" (generated kernels) or "eager" (PyTorch; for debugging).'
     )
     fold_batch_norm: bool = _affects_engine(
-        True, "Fold inference batch norm into the preceding convolution (a weight program)."
+        False,
+        "Fold inference batch norm into the preceding convolution (a weight program): a few "
+        "% faster inference, slower refits (docs/benchmarks.md).",
     )
     inductor_options: tuple[tuple[str, Any], ...] = _affects_engine(
         (), "Extra Inductor options, as (name, value) pairs."

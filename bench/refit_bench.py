@@ -237,6 +237,12 @@ def bench_refits(name, compiled, graphed, a, b, x, device, quick) -> dict[str, A
     refit(compiled, a, in_place=True)
     row["refitter_device_ms"] = median_ms(refitter, device, iters=50)
     row["refitter_copy"] = ",".join(type(c).__name__ for c in getattr(refitter, "copy_plan", []))
+    if device == "cuda":  # the same, with batched copies instead of the gather-copy kernel
+        os.environ["TORCHREFIT_GATHER_COPY"] = "0"
+        plain = torchrefit.Refitter(compiled, b)
+        del os.environ["TORCHREFIT_GATHER_COPY"]
+        row["refitter_device_foreach_ms"] = median_ms(plain, device, iters=50)
+        check("refitter_device_foreach", compiled, b)
     check("refitter_device", compiled, b)
     if graphed is not None:
         torchrefit.Refitter(graphed, b)()
@@ -305,6 +311,9 @@ def bench_large(device: str, dtype: torch.dtype) -> dict[str, Any]:
     b_host = {k: v.cpu().pin_memory() for k, v in build("wide-mlp", 1, "cpu", dtype).state_dict().items()}
     row["refit_pinned_host_ms"] = median_ms(lambda: torchrefit.refit_module_weights(compiled, b_host, in_place=True), device, warmup=1, iters=5)
     row["refit_pinned_GBps"] = nbytes / row["refit_pinned_host_ms"] / 1e6
+    refitter = torchrefit.Refitter(compiled, b_host)
+    row["refitter_pinned_host_ms"] = median_ms(refitter, device, warmup=1, iters=5)
+    row["refitter_pinned_GBps"] = nbytes / row["refitter_pinned_host_ms"] / 1e6
     pageable = {k: v.clone() for k, v in b_host.items()}
     row["refit_pageable_host_ms"] = median_ms(lambda: torchrefit.refit_module_weights(compiled, pageable, in_place=True), device, warmup=1, iters=5)
     row["refit_pageable_GBps"] = nbytes / row["refit_pageable_host_ms"] / 1e6
@@ -350,6 +359,7 @@ ROWS = [
     ("torchrefit_cudagraph_ms", "inference: torchrefit, cuda_graphs=True (ms)", "{:.3f}"),
     ("reference_standalone_cudagraph_ms", "reference: standalone_compile, weights as inputs, CUDA graph (ms)", "{:.3f}"),
     ("refitter_device_ms", "refit: Refitter from tensors on the device (ms)", "{:.3f}"),
+    ("refitter_device_foreach_ms", "refit: Refitter from tensors on the device, _foreach_copy_ (ms)", "{:.3f}"),
     ("refit_state_dict_device_ms", "refit: refit_module_weights, state_dict on the device (ms)", "{:.3f}"),
     ("refit_exported_program_ms", "refit: refit_module_weights, ExportedProgram (ms)", "{:.2f}"),
     ("refitter_pinned_host_ms", "refit: Refitter from pinned host (ms)", "{:.3f}"),

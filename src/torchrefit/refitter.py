@@ -35,6 +35,7 @@ class Refitter:
         self.matched: Matched = _fast(read_weights(weights, self.state.specs), self.state)
         self.keys = [k for k in self.state.store.keys() if k in self.matched.tensors or self.state.lineage[k].kind == "program"]
         self._compute_graph: torch.cuda.CUDAGraph | None = None
+        self._host_sources = any(not t.is_cuda for t in self.matched.tensors.values())
         if cuda_graph and self._capturable():
             self._capture()
 
@@ -50,6 +51,8 @@ class Refitter:
             validate(values, self.state)  # raises, naming the weight
             raise WeightValueError("A derived engine constant is not finite; nothing was written.")
         self._copy_graph.replay()
+        if self._host_sources:  # the caller may overwrite its host buffers once we return
+            torch.cuda.current_stream(self.state.store.device).synchronize()
 
     def _capturable(self) -> bool:
         device = self.state.store.device
@@ -60,13 +63,17 @@ class Refitter:
     def _compute(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """New values and one device flag saying they are all finite; no host sync."""
         device = self.state.store.device
-        cast = {f: t.to(device=device, dtype=self.state.engine_dtypes[f], non_blocking=True) for f, t in self.matched.tensors.items()}
-        derived = self.matched.weight_program({f: cast.get(f, self.state.store.tensors.get(f)) for f in self.matched.weight_program.inputs})
+        program = self.matched.weight_program
+        cast = {
+            f: t if _stays(t, self.state.engine_dtypes[f], f in program.inputs) else t.to(device=device, dtype=self.state.engine_dtypes[f], non_blocking=True)
+            for f, t in self.matched.tensors.items()
+        }
+        derived = program({f: cast.get(f, self.state.store.tensors.get(f)) for f in program.inputs})
         values = {k: derived[k] if k in derived else cast[k] for k in self.keys}
         checked = [
             v for k, v in values.items()
             if v.is_floating_point() and v.numel() and (k in derived or v.element_size() < self.matched.tensors[k].element_size())
-        ]
+        ]  # identity weights need no check: they are the caller's values as they are
         if not checked:
             return values, torch.ones((), dtype=torch.bool, device=device)
         return values, torch.isfinite(torch.stack(torch._foreach_norm(checked, float("inf")))).all()
@@ -102,5 +109,23 @@ class Refitter:
             if gather_copy_works(device, dtype):
                 copies.append(GatherCopy(store.arenas[(device, dtype)], dsts, srcs))
             else:
-                copies.append(lambda d=dsts, s=srcs: torch._foreach_copy_(d, s))
+                copies.append(_batched_copy(dsts, srcs))
         return copies
+
+
+def _stays(tensor: torch.Tensor, dtype: torch.dtype, program_input: bool) -> bool:
+    """An identity weight is copied from where it is (device, or pinned host over UVA)."""
+    return tensor.dtype == dtype and not (program_input and not tensor.is_cuda)
+
+
+def _batched_copy(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> Callable[[], None]:
+    local = [(d, s) for d, s in zip(dsts, srcs, strict=True) if s.device == d.device]
+    remote = [(d, s) for d, s in zip(dsts, srcs, strict=True) if s.device != d.device]
+
+    def copy() -> None:
+        if local:
+            torch._foreach_copy_([d for d, _ in local], [s for _, s in local])
+        for d, s in remote:
+            d.copy_(s, non_blocking=True)
+
+    return copy

@@ -41,6 +41,25 @@ class WeightProgram:
 
 
 ALIGN_BYTES = 256  # what cudaMalloc gives: vectorized kernels read aligned views at full speed
+DIRECT_BYTES = 1 << 20  # pinned host tensors this large are copied straight to the device
+CHUNK_BYTES = 16 << 20  # staged uploads start every 16 MB, overlapping the host copies
+
+
+def _align(end: int, item: int) -> int:
+    step = max(1, ALIGN_BYTES // item)
+    return -(-end // step) * step
+
+
+def upload_runs(slots: list[tuple[int, int]], item: int) -> list[tuple[int, int]]:
+    """(start, end) element ranges covering sorted (start, numel) slots: adjacent slots
+    (up to alignment padding) join, and a run closes once it holds CHUNK_BYTES."""
+    runs: list[tuple[int, int]] = []
+    for start, numel in slots:
+        if runs and start == _align(runs[-1][1], item) and (runs[-1][1] - runs[-1][0]) * item < CHUNK_BYTES:
+            runs[-1] = (runs[-1][0], start + numel)
+        else:
+            runs.append((start, start + numel))
+    return runs
 
 
 class WeightStore:
@@ -53,6 +72,7 @@ class WeightStore:
 
     def __init__(self, values: dict[str, torch.Tensor]) -> None:
         self.arenas: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self.mirrors: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # pinned, lazily
         self.tensors: dict[str, torch.Tensor] = {}
         layout: dict[tuple[torch.device, torch.dtype], list[tuple[str, int]]] = {}
         sizes: dict[tuple[torch.device, torch.dtype], int] = {}
@@ -89,8 +109,9 @@ class WeightStore:
     def commit(self, values: dict[str, torch.Tensor]) -> None:
         """Copy validated values in. Call only after validation: nothing here can fail.
 
-        Same-device values go in batched copies; host values are copied straight into the
-        engines' buffers (asynchronously from pinned memory).
+        Same-device values go in batched copies. Host values bound for a GPU go through a
+        pinned mirror of the arena, in contiguous runs, so a few hundred small weights
+        cost a few large transfers; large pinned tensors are copied directly.
         """
         groups: dict[tuple[torch.device, torch.device], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for key, value in values.items():
@@ -102,13 +123,39 @@ class WeightStore:
             for (dst_device, src_device), (dsts, srcs) in groups.items():
                 if dst_device == src_device:
                     torch._foreach_copy_(dsts, srcs)
-                    continue
-                pinned = False
-                for dst, src in zip(dsts, srcs, strict=True):
-                    pinned |= src.is_pinned()
-                    dst.copy_(src, non_blocking=src.is_pinned())
-                if pinned and dst_device.type == "cuda":  # the caller may reuse its buffers at once
-                    torch.cuda.current_stream(dst_device).synchronize()
+                elif dst_device.type == "cuda" and src_device.type == "cpu":
+                    self._commit_from_host(dsts, srcs)
+                    torch.cuda.current_stream(dst_device).synchronize()  # callers may reuse sources
+                else:
+                    for dst, src in zip(dsts, srcs, strict=True):
+                        dst.copy_(src)
+
+    def _commit_from_host(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+        staged: dict[tuple[torch.device, torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for dst, src in zip(dsts, srcs, strict=True):
+            if src.is_pinned() and src.is_contiguous() and src.nbytes >= DIRECT_BYTES:
+                dst.copy_(src, non_blocking=True)
+            else:
+                staged.setdefault((dst.device, dst.dtype), []).append((dst, src))
+        for group, pairs in staged.items():
+            arena, mirror = self.arenas[group], self._mirror(group)
+            item, base = arena.element_size(), arena.data_ptr()
+            pairs.sort(key=lambda p: p[0].data_ptr())
+            slots = [((d.data_ptr() - base) // item, d.numel()) for d, _ in pairs]
+            runs = iter(upload_runs(slots, item))
+            next_run = next(runs)
+            for (start, numel), (dst, src) in zip(slots, pairs, strict=True):
+                mirror[start : start + numel].view(dst.shape).copy_(src)
+                if start + numel == next_run[1]:  # a run is filled: upload it while the CPU goes on
+                    arena[next_run[0] : next_run[1]].copy_(mirror[next_run[0] : next_run[1]], non_blocking=True)
+                    next_run = next(runs, (0, -1))
+
+    def _mirror(self, group: tuple[torch.device, torch.dtype]) -> torch.Tensor:
+        mirror = self.mirrors.get(group)
+        if mirror is None:
+            arena = self.arenas[group]
+            mirror = self.mirrors[group] = torch.empty(arena.numel(), dtype=arena.dtype, pin_memory=True)
+        return mirror
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())

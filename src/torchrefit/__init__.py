@@ -17,7 +17,7 @@ from .errors import (
     WeightShapeError,
     WeightValueError,
 )
-from .module import CompiledModule, Engine, Fallback, InputError
+from .module import CompiledModule, Engine, Fallback, InputError, WeightsNotLoadedError
 from .refit import refit_module_weights
 from .refitter import Refitter
 from .serialize import load, save
@@ -46,6 +46,7 @@ __all__ = [
     "WeightDtypeError",
     "WeightShapeError",
     "WeightValueError",
+    "WeightsNotLoadedError",
     "compile",
     "load",
     "refit_module_weights",

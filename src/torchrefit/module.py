@@ -23,6 +23,10 @@ class InputError(TorchRefitError, TypeError):
     """The compiled module was called with inputs unlike the ones it was compiled for."""
 
 
+class WeightsNotLoadedError(TorchRefitError):
+    """A module loaded from a file saved without weights was run before a refit."""
+
+
 class Engine(torch.nn.Module):
     """One compiled partition. Its constants are tensors of the weight store, read in place."""
 
@@ -102,6 +106,7 @@ class RefitState:
     lowered_order: list[str] = field(default_factory=list)  # source FQNs by lowered position
     cast_inputs_to: torch.dtype | None = None
     host_buffer: torch.Tensor | None = None  # reused by refits from files
+    unset: set[str] = field(default_factory=set)  # constants a stripped file did not hold
 
 
 class CompiledModule(fx.GraphModule):
@@ -111,6 +116,13 @@ class CompiledModule(fx.GraphModule):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         state = self._torchrefit
+        if state.unset:
+            raise WeightsNotLoadedError(
+                f"This module was loaded without its weights ({len(state.unset)} constants, e.g. "
+                f"{sorted(state.unset)[0]!r}), so it would compute garbage. Supply them: "
+                "torchrefit.load(path, weights=...) or refit_module_weights(module, weights, "
+                "in_place=True)."
+            )
         try:
             flat = tree_flatten_spec((args, kwargs), state.in_spec)
         except Exception as exc:

@@ -60,6 +60,7 @@ def refit_module_weights(
     target = compiled_module if in_place else _fresh_copy(compiled_module, values)
     backup = state.store.clone() if verify_output and in_place else None
     target._torchrefit.store.commit(values)
+    target._torchrefit.unset = target._torchrefit.unset - set(values)
     logger.info("refit (%s path) took %.2f ms", matched.path, 1e3 * (time.perf_counter() - started))
     if verify_output:
         _verify(target, new, matched, state, arg_inputs, kwarg_inputs, backup)

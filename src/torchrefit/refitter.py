@@ -44,6 +44,7 @@ class Refitter:
             values = evaluate(self.matched, self.state)
             validate(values, self.state)
             self.state.store.commit(values)
+            self.state.unset -= set(values)
             return
         self._compute_graph.replay()
         if not bool(self._ok):  # the one host sync: nothing has been written yet
@@ -53,6 +54,7 @@ class Refitter:
         self._copy_graph.replay()
         if self._host_sources:  # the caller may overwrite its host buffers once we return
             torch.cuda.current_stream(self.state.store.device).synchronize()
+        self.state.unset -= set(self.keys)
 
     def _capturable(self) -> bool:
         device = self.state.store.device

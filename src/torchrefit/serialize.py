@@ -33,8 +33,17 @@ FORMAT = "torchrefit"
 VERSION = 1
 
 
-def save(module: CompiledModule, path: str) -> None:
+def save(module: CompiledModule, path: str, include_weights: bool = True) -> None:
+    """Write `module` to one file. `include_weights=False` leaves out every constant that
+    comes from a checkpoint weight (a small file: ship engines once, weights separately);
+    `load(path, weights=...)` then refits from a state_dict or safetensors file."""
     state = module._torchrefit
+    stripped = stripped_keys(state) if include_weights is False else set()
+    if state.unset and not stripped >= state.unset:
+        raise SerializationError(
+            f"This module's weights were never supplied ({sorted(state.unset)[:3]}...); save "
+            "it with include_weights=False, or refit it first."
+        )
     children, artifacts = _children_to_json(module)
     metadata = {
         "format": FORMAT,
@@ -43,18 +52,30 @@ def save(module: CompiledModule, path: str) -> None:
         "graph": graph_to_json(module.graph),
         "children": children,
         "state": _state_to_json(state),
+        "stripped": sorted(stripped),
     }
     from safetensors.torch import save as save_tensors
 
-    weights = save_tensors({k: t.detach().to("cpu", copy=True) for k, t in state.store.tensors.items()})
+    kept = {k: t.detach().to("cpu", copy=True) for k, t in state.store.tensors.items() if k not in stripped}
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
         archive.writestr("metadata.json", json.dumps(metadata, indent=1))
-        archive.writestr("weights.safetensors", weights)
+        archive.writestr("weights.safetensors", save_tensors(kept))
         for name, data in artifacts.items():
             archive.writestr(f"engines/{name}.bin", data)
 
 
-def load(path: str) -> CompiledModule:
+def stripped_keys(state: RefitState) -> set[str]:
+    """Constants computed from at least one persistent weight: what a checkpoint supplies.
+
+    Non-persistent buffers and lifted constants stay in a stripped file, since no
+    checkpoint holds them."""
+    persistent = {fqn for fqn, spec in state.specs.items() if spec.persistent}
+    return {k for k, lineage in state.lineage.items() if persistent & set(lineage.sources)}
+
+
+def load(path: str, weights: Any = None) -> CompiledModule:
+    """Read a file written by `save`. A file saved without weights needs `weights` (anything
+    `refit_module_weights` takes); without them the module refuses to run."""
     try:
         archive = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as exc:
@@ -62,7 +83,8 @@ def load(path: str) -> CompiledModule:
     with archive:
         metadata = _read_metadata(archive, path)
         try:
-            state = _state_from_json(metadata["state"], _read_weights(archive, path))
+            stripped = set(metadata.get("stripped", []))
+            state = _state_from_json(metadata["state"], _read_weights(archive, path), stripped)
             root = torch.nn.Module()
             for child in metadata["children"]:
                 root.add_module(child["name"], _child_from_json(child, archive, state.settings, path))
@@ -75,6 +97,10 @@ def load(path: str) -> CompiledModule:
     compiled = CompiledModule(root, graph)
     compiled._torchrefit = state
     compiled.bind(state.store)
+    if weights is not None:
+        from .refit import refit_module_weights
+
+        refit_module_weights(compiled, weights, in_place=True)
     return compiled
 
 
@@ -87,6 +113,13 @@ def _read_weights(archive: zipfile.ZipFile, path: str) -> dict[str, torch.Tensor
         raise SerializationError(
             f"{path!r} holds no readable weights.safetensors ({exc}). Save the module again."
         ) from exc
+
+
+def _placeholder(spec: dict[str, Any]) -> torch.Tensor:
+    """Room for a stripped weight; NaN, so that nothing could ever compute with it unnoticed."""
+    dtype = parse_dtype(spec["dtype"])
+    empty = torch.empty(spec["shape"], dtype=dtype, device=spec["device"])
+    return empty.fill_(float("nan")) if empty.is_floating_point() else empty.zero_()
 
 
 def _checked_tensor(key: str, spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -203,8 +236,11 @@ def _state_to_json(state: RefitState) -> dict[str, Any]:
     }
 
 
-def _state_from_json(data: dict[str, Any], tensors: dict[str, torch.Tensor]) -> RefitState:
-    store = WeightStore({k: _checked_tensor(k, spec, tensors).to(spec["device"]) for k, spec in data["store"].items()})
+def _state_from_json(data: dict[str, Any], tensors: dict[str, torch.Tensor], stripped: set[str]) -> RefitState:
+    store = WeightStore({
+        k: _placeholder(spec) if k in stripped else _checked_tensor(k, spec, tensors).to(spec["device"])
+        for k, spec in data["store"].items()
+    })
     cast = data["cast_inputs_to"]
     return RefitState(
         settings=Settings.from_json(data["settings"]),
@@ -222,6 +258,7 @@ def _state_from_json(data: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
         guards=[None if g is None else InputGuard(parse_dtype(g[0]), torch.device(g[1]), g[2]) for g in data["guards"]],
         lowered_order=list(data["lowered_order"]),
         cast_inputs_to=None if cast is None else parse_dtype(cast),
+        unset=set(stripped),
     )
 
 

@@ -75,3 +75,11 @@ def test_inductor_engines_and_fallbacks_with_dynamic_batch() -> None:
         y = (torch.randn(n, 3, 10, 10),)
         assert_matches(refitted(*y), run_eager(b, *y))
         assert_differs(refitted(*y), run_eager(a, *y))
+
+
+def test_inductor_options_are_config_patches() -> None:
+    model = torch.nn.Linear(8, 8).eval()
+    x = torch.randn(2, 8)
+    compiled = torchrefit.compile(model, (x,), inductor_options=(("fallback_random", True),))
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), model(x), atol=1e-6)

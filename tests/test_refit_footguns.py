@@ -518,3 +518,102 @@ def test_weights_are_never_unpickled(source, tmp_path, unpickling_calls):
     assert_matches(run_eager(refitted, *inputs), run_eager(model_b, *inputs))
     assert_differs(run_eager(refitted, *inputs), run_eager(model_a, *inputs))
     assert unpickling_calls == []
+
+
+# -- found in review ----------------------------------------------------------------------
+
+
+def test_bfloat16_into_float16_overflow_is_refused() -> None:
+    model = torch.nn.Linear(4, 4).bfloat16().eval()
+    compiled = torchrefit.compile(model, (torch.randn(2, 4, dtype=torch.bfloat16),), backend="eager", dtype="float16")
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    weights["weight"][0, 0] = 1e6
+    with pytest.raises(torchrefit.WeightValueError, match="overflows"):
+        torchrefit.refit_module_weights(compiled, weights)
+    with pytest.raises(torchrefit.WeightValueError, match="overflows"):
+        torchrefit.Refitter(compiled, weights)()
+
+
+def test_overflow_at_compile_is_refused() -> None:
+    model = torch.nn.Linear(4, 4).eval()
+    with torch.no_grad():
+        model.weight[0, 0] = 1e6
+    with pytest.raises(torchrefit.WeightValueError, match="weight"):
+        torchrefit.compile(model, (torch.randn(2, 4),), backend="eager", dtype="float16")
+
+
+@pytest.mark.parametrize("failure", ["no_inputs", "reference_raises"])
+def test_verification_that_cannot_run_changes_nothing(failure: str, monkeypatch) -> None:
+    a, b = torch.nn.Linear(4, 4).eval(), torch.nn.Linear(4, 4).eval()
+    x = torch.randn(2, 4)
+    compiled = torchrefit.compile(a, (x,), backend="eager")
+    before = compiled(x)
+    if failure == "no_inputs":
+        with pytest.raises(torchrefit.TorchRefitError, match="arg_inputs"):
+            torchrefit.refit_module_weights(compiled, b, verify_output=True, in_place=True)
+    else:
+        import torchrefit.refit as refit
+
+        def broken(*args):
+            raise RuntimeError("the reference model failed")
+
+        monkeypatch.setattr(refit, "_reference", broken)
+        with pytest.raises(RuntimeError, match="reference"):
+            torchrefit.refit_module_weights(compiled, b, arg_inputs=(x,), verify_output=True, in_place=True)
+    assert torch.equal(compiled(x), before)
+
+
+def test_constant_created_in_forward_refits_from_a_module() -> None:
+    class WithConstant(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) + torch.tensor([3.0])
+
+    a, b = WithConstant().eval(), WithConstant().eval()
+    x = torch.randn(2, 4)
+    compiled = torchrefit.compile(a, (x,), backend="eager")
+    torchrefit.refit_module_weights(compiled, b, in_place=True)
+    torchrefit.Refitter(compiled, b)()
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), b(x))
+
+
+def test_refitter_refuses_a_file(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    a = torch.nn.Linear(4, 4).eval()
+    compiled = torchrefit.compile(a, (torch.randn(2, 4),), backend="eager")
+    save_file(a.state_dict(), str(tmp_path / "w.safetensors"))
+    with pytest.raises(torchrefit.TorchRefitError, match="refit_module_weights"):
+        torchrefit.Refitter(compiled, str(tmp_path / "w.safetensors"))
+
+
+def test_swapping_the_engines_own_constants_is_exact() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)).eval()
+    x = torch.randn(2, 4)
+    compiled = torchrefit.compile(model, (x,), backend="eager")
+    c = compiled.engines()["_engine_0"].constants()
+    swapped = {"0.weight": c["1.weight"], "0.bias": c["1.bias"], "1.weight": c["0.weight"], "1.bias": c["0.bias"]}
+    expected = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)).eval()
+    expected.load_state_dict({k: v.clone() for k, v in swapped.items()})
+    torchrefit.refit_module_weights(compiled, swapped, in_place=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), expected(x))
+
+
+def test_unknown_torch_executed_ops_are_refused() -> None:
+    with pytest.raises(torchrefit.SettingsError, match="convolutoin"):
+        torchrefit.Settings(torch_executed_ops=frozenset({"torch.ops.aten.convolutoin.default"}))
+
+
+@pytest.mark.parametrize("content", [b"\x80\x02}q\x00.", b"\xff" * 8 + b"{}", b"\x02\x00\x00\x00\x00\x00\x00\x00[]"])
+def test_files_that_are_not_safetensors_are_refused(tmp_path, content: bytes) -> None:
+    a = torch.nn.Linear(4, 4).eval()
+    compiled = torchrefit.compile(a, (torch.randn(2, 4),), backend="eager")
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(torchrefit.IncompatibleWeightsError, match="safetensors"):
+        torchrefit.refit_module_weights(compiled, str(path))

@@ -5,6 +5,7 @@ from .errors import (
     ExportError,
     ImmutableWeightsError,
     IncompatibleWeightsError,
+    InputError,
     LineageError,
     MissingWeightError,
     RefitVerificationError,
@@ -15,9 +16,10 @@ from .errors import (
     UnsupportedGraphError,
     WeightDtypeError,
     WeightShapeError,
+    WeightsNotLoadedError,
     WeightValueError,
 )
-from .module import CompiledModule, Engine, Fallback, InputError, WeightsNotLoadedError
+from .module import CompiledModule, Engine, Fallback
 from .refit import refit_module_weights
 from .refitter import Refitter
 from .serialize import load, save

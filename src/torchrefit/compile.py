@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
 
 from .engine.base import Backend, get_backend
-from .errors import UnsupportedGraphError
+from .errors import UnsupportedGraphError, WeightValueError
 from .export import (
     engine_program,
     export_model,
@@ -90,12 +92,15 @@ def build(
         root.add_module(name, child)
         node.target = name
         node.args = tuple(a for a in node.args if not _is_weight_arg(lowered, a))
-    _drop_weight_placeholders(top.graph, lowered)
-    used = {k for child in root.children() for k in child.constant_keys}
+    output_constants = _drop_weight_placeholders(top.graph, lowered)
+    for attr in output_constants:
+        root.register_buffer(attr, torch.empty(0), persistent=False)
+    used = {k for child in root.children() for k in child.constant_keys} | set(output_constants.values())
     used |= _kept_sources(source, lowered)
-    store = _initial_store(program, lowered, device, used)
+    store = _initial_store(program, lowered, device, used, source_tensors(source))
     compiled = CompiledModule(root, top.graph)
     compiled._torchrefit = _refit_state(source, program, lowered, store, settings)
+    compiled._torchrefit.output_constants = output_constants
     compiled.bind(store)
     return compiled
 
@@ -139,6 +144,8 @@ def _build_engine(
     result = output.args[0]
     single = not isinstance(result, (tuple, list))
     graph.output(fx.node.map_arg((result,) if single else tuple(result), lambda a: env[a]))
+    for ph, _ in weights:  # the store holds every constant contiguous: compile for that
+        env[ph].meta["val"] = _contiguous(env[ph].meta["val"])
     gm = fx.GraphModule(torch.nn.Module(), graph)
     examples = [n.meta["val"] for n in graph.nodes if n.op == "placeholder"]
     started = time.perf_counter()
@@ -148,6 +155,14 @@ def _build_engine(
         name, backend.name, len(graph.nodes), len(weights), time.perf_counter() - started,
     )
     return Engine(backend.name, runner, [k for _, k in weights], single)
+
+
+def _contiguous(val: Any) -> Any:
+    if not isinstance(val, torch.Tensor) or val.is_contiguous():
+        return val
+    mode = detect_fake_mode([val])
+    with mode if mode is not None else contextlib.nullcontext():
+        return torch.empty(val.shape, dtype=val.dtype, device=val.device)
 
 
 def _build_fallback(sub: fx.GraphModule, call: fx.Node, lowered: LoweredProgram):
@@ -165,16 +180,21 @@ def _build_fallback(sub: fx.GraphModule, call: fx.Node, lowered: LoweredProgram)
     return make_fallback(graph, [k for _, k in weights])
 
 
-def _drop_weight_placeholders(graph: fx.Graph, lowered: LoweredProgram) -> None:
+def _drop_weight_placeholders(graph: fx.Graph, lowered: LoweredProgram) -> dict[str, str]:
+    """Weights leave the top graph; one the model returns itself is read from the store
+    (and copied on the way out). Returns graph attribute -> store key for those."""
+    output_constants: dict[str, str] = {}
     for node in list(graph.nodes):
         if node.op == "placeholder" and lowered.roles[node.target].is_weight:
             if node.users:
-                raise UnsupportedGraphError(
-                    f"The model returns weight {lowered.roles[node.target].key!r} itself as an "
-                    "output; torchrefit does not hand out its engine buffers. Return a copy "
-                    "(weight.clone()) from forward."
-                )
+                attr = f"_output_constant_{len(output_constants)}"
+                output_constants[attr] = str(lowered.roles[node.target].key)
+                if graph.owning_module is not None:
+                    graph.owning_module.register_buffer(attr, torch.empty(0), persistent=False)
+                with graph.inserting_before(node):
+                    node.replace_all_uses_with(graph.get_attr(attr))
             graph.erase_node(node)
+    return output_constants
 
 
 def _kept_sources(source: ExportedProgram, lowered: LoweredProgram) -> set[str]:
@@ -201,7 +221,11 @@ def _program_device(program: ExportedProgram) -> torch.device:
 
 
 def _initial_store(
-    program: ExportedProgram, lowered: LoweredProgram, device: torch.device, used: set[str]
+    program: ExportedProgram,
+    lowered: LoweredProgram,
+    device: torch.device,
+    used: set[str],
+    originals: dict[str, torch.Tensor],
 ) -> WeightStore:
     """The constants the partitions use, in signature order; nothing the engines never read."""
     tensors = source_tensors(program)
@@ -214,7 +238,16 @@ def _initial_store(
             values[str(role.key)] = tensors[str(role.key)]
         elif role.kind == "derived":
             values[str(role.key)] = derived[str(role.key)]
-    return WeightStore({k: v.detach().to(device) for k, v in values.items()})
+    store = WeightStore({k: v.detach().to(device) for k, v in values.items()})
+    from .refit import nonfinite
+
+    for key in nonfinite({k: v for k, v in store.tensors.items() if v.is_floating_point()}):
+        if key in originals and bool(torch.isfinite(originals[key]).all()):
+            raise WeightValueError(
+                f"Weight {key!r} overflows {store[key].dtype} when the model is converted; it "
+                "would be inf in the engine. Rescale it, or compile with a wider dtype."
+            )
+    return store
 
 
 def _refit_state(
@@ -253,11 +286,12 @@ def _refit_state(
     )
 
 
-def _guard(node: fx.Node) -> InputGuard | None:
+def _guard(node: fx.Node) -> InputGuard:
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor):
-        return None
-    return InputGuard(val.dtype, val.device, val.dim())
+        return InputGuard(None, None, None, val)
+    shape = tuple(d if isinstance(d, int) else None for d in val.shape)
+    return InputGuard(val.dtype, val.device, shape)
 
 
 __all__ = ["compile", "parse_dtype"]

@@ -57,3 +57,11 @@ class RefitVerificationError(TorchRefitError):
 
 class SerializationError(TorchRefitError):
     """A saved file is malformed, of another version, or fails its integrity check."""
+
+
+class InputError(TorchRefitError, TypeError):
+    """The compiled module was called with inputs unlike the ones it was compiled for."""
+
+
+class WeightsNotLoadedError(TorchRefitError):
+    """A module loaded from a file saved without weights was run before a refit."""

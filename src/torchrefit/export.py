@@ -33,10 +33,6 @@ class WeightSpec:
     dtype: str
     persistent: bool  # False for non-persistent buffers and lifted constants
 
-    @property
-    def required_in_state_dict(self) -> bool:
-        return self.persistent
-
     def to_json(self) -> dict[str, Any]:
         return {
             "fqn": self.fqn,

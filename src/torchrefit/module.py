@@ -8,23 +8,14 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
-from torch.fx._pytree import tree_flatten_spec
 
 from .cuda_graphs import CudaGraphs
 from .engine.base import Runner
-from .errors import TorchRefitError
+from .errors import InputError, WeightsNotLoadedError
 from .export import WeightSpec
 from .lower.context import Lineage
 from .settings import Settings
 from .weights import WeightProgram, WeightStore
-
-
-class InputError(TorchRefitError, TypeError):
-    """The compiled module was called with inputs unlike the ones it was compiled for."""
-
-
-class WeightsNotLoadedError(TorchRefitError):
-    """A module loaded from a file saved without weights was run before a refit."""
 
 
 class Engine(torch.nn.Module):
@@ -81,9 +72,24 @@ def make_fallback(graph: fx.Graph, constant_keys: list[str]) -> Fallback:
 
 @dataclass
 class InputGuard:
-    dtype: torch.dtype
-    device: torch.device
-    ndim: int
+    """What one flat input must be: a tensor like the example (None for a dynamic
+    dimension), or, for a non-tensor input, the very value the program was specialized on."""
+
+    dtype: torch.dtype | None
+    device: torch.device | None
+    shape: tuple[int | None, ...] | None
+    value: Any = None
+
+    def to_json(self) -> list[Any]:
+        if self.dtype is None:
+            return ["value", self.value]
+        return [str(self.dtype).removeprefix("torch."), str(self.device), list(self.shape or ())]
+
+    @classmethod
+    def from_json(cls, data: list[Any]) -> InputGuard:
+        if data[0] == "value":
+            return cls(None, None, None, data[1])
+        return cls(getattr(torch, data[0]), torch.device(data[1]), tuple(data[2]))
 
 
 @dataclass
@@ -107,6 +113,7 @@ class RefitState:
     cast_inputs_to: torch.dtype | None = None
     host_buffer: torch.Tensor | None = None  # reused by refits from files
     unset: set[str] = field(default_factory=set)  # constants a stripped file did not hold
+    output_constants: dict[str, str] = field(default_factory=dict)  # graph attribute -> key
 
 
 class CompiledModule(fx.GraphModule):
@@ -123,19 +130,13 @@ class CompiledModule(fx.GraphModule):
                 "torchrefit.load(path, weights=...) or refit_module_weights(module, weights, "
                 "in_place=True)."
             )
-        try:
-            flat = tree_flatten_spec((args, kwargs), state.in_spec)
-        except Exception as exc:
-            raise InputError(
-                f"The compiled module takes inputs structured as {state.in_spec}; got "
-                f"{len(args)} positional and keyword(s) {sorted(kwargs)}."
-            ) from exc
+        flat = _flatten(args, kwargs, state.in_spec)
         flat = [_guard(i, x, g, state.cast_inputs_to) for i, (x, g) in enumerate(zip(flat, state.guards, strict=True))]
         if state.settings.cuda_graphs and _all_cuda(flat):
             outputs = self._graphs().run(flat)
         else:
             outputs = super().__call__(*flat)
-        return pytree.tree_unflatten(list(outputs), state.out_spec)
+        return pytree.tree_unflatten([_owned(y, state.store) for y in outputs], state.out_spec)
 
     def _graphs(self) -> CudaGraphs:
         graphs = self.__dict__.get("_cuda_graphs")
@@ -154,6 +155,8 @@ class CompiledModule(fx.GraphModule):
         for child in self.children():
             if isinstance(child, (Engine, Fallback)):
                 child.bind(store)
+        for attr, key in self._torchrefit.output_constants.items():
+            self._buffers[attr] = store[key]
 
     @property
     def settings(self) -> Settings:
@@ -169,8 +172,30 @@ def _all_cuda(flat: list[Any]) -> bool:
     return bool(tensors) and all(x.is_cuda for x in tensors)
 
 
+def _flatten(args: tuple[Any, ...], kwargs: dict[str, Any], in_spec: pytree.TreeSpec) -> list[Any]:
+    """The flat inputs, refusing any call whose structure differs from the compiled one."""
+    expected_kwargs = in_spec.child(1).context if in_spec.num_children == 2 else []
+    if set(kwargs) <= set(expected_kwargs):
+        kwargs = {k: kwargs[k] for k in expected_kwargs if k in kwargs}
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    if spec != in_spec:
+        raise InputError(
+            f"The compiled module takes inputs structured as {in_spec}; got {spec}. Pass the "
+            "same positional and keyword arguments as the example inputs (compile again for "
+            "another call signature)."
+        )
+    return flat
+
+
 def _guard(i: int, x: Any, guard: InputGuard | None, cast_to: torch.dtype | None) -> Any:
     if guard is None:
+        return x
+    if guard.dtype is None:
+        if isinstance(x, torch.Tensor) or (x is not guard.value and x != guard.value):
+            raise InputError(
+                f"Input {i} is {x!r}; the program was compiled for the value {guard.value!r}, "
+                "which it specialized on. Compile again for another value."
+            )
         return x
     if not isinstance(x, torch.Tensor):
         raise InputError(f"Input {i} is a {type(x).__name__}; the compiled module expects a tensor.")
@@ -187,9 +212,19 @@ def _guard(i: int, x: Any, guard: InputGuard | None, cast_to: torch.dtype | None
             f"Input {i} is on {x.device}; the compiled module runs on {guard.device}. "
             f"Pass x.to('{guard.device}')."
         )
-    if x.dim() != guard.ndim:
+    shape = guard.shape or ()
+    if x.dim() != len(shape) or any(e is not None and e != d for e, d in zip(shape, x.shape, strict=True)):
+        expected = ["*" if e is None else e for e in shape]
         raise InputError(
-            f"Input {i} has {x.dim()} dimensions (shape {tuple(x.shape)}); the compiled "
-            f"module expects {guard.ndim}."
+            f"Input {i} has shape {list(x.shape)}; the compiled module expects {expected} "
+            "(* marks a dynamic dimension). Export with torch.export.Dim for other sizes."
         )
-    return x
+    return x.contiguous()
+
+
+def _owned(value: Any, store: WeightStore) -> Any:
+    """An output that is a view of an engine constant is copied: callers never hold, or
+    write into, the engines' weights."""
+    if isinstance(value, torch.Tensor) and store.holds(value):
+        return value.clone()
+    return value

@@ -49,6 +49,7 @@ class Partitioned:
 def partition(gm: fx.GraphModule, settings: Settings, capability: Capability) -> Partitioned:
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     labels = _labels(nodes, capability)
+    _warn_unmatched(nodes, settings.torch_executed_ops)
     runs = _runs(nodes, labels)
     runs = _merge(_apply_min_block_size(runs, settings.min_block_size))
     run_of = {node: i for i, (_, members) in enumerate(runs) for node in members}
@@ -60,6 +61,19 @@ def partition(gm: fx.GraphModule, settings: Settings, capability: Capability) ->
         sum(k == FALLBACK for k in kinds.values()),
     )
     return Partitioned(top, kinds)
+
+
+def _warn_unmatched(nodes: list[fx.Node], ops: frozenset[str]) -> None:
+    present = set()
+    for node in nodes:
+        if isinstance(node.target, torch._ops.OpOverload):
+            present |= {str(node.target), node.target.name().replace("::", ".")}
+    for op in sorted(ops - present):
+        logger.warning(
+            "torch_executed_ops: %s matches no op of the lowered graph (ops such as aten.linear "
+            "are decomposed, into aten.addmm and aten.permute); it keeps nothing in PyTorch",
+            op,
+        )
 
 
 def _labels(nodes: list[fx.Node], capability: Capability) -> list[str]:

@@ -89,7 +89,11 @@ def read_safetensors(path: str, host_buffer: HostBuffer | None = None) -> dict[s
     try:
         with open(path, "rb") as f:
             (header_size,) = struct.unpack("<Q", f.read(8))
+            if header_size > os.path.getsize(path) - 8:
+                raise ValueError(f"its header claims {header_size} bytes, more than the file holds")
             header = json.loads(f.read(header_size))
+            if not isinstance(header, dict):
+                raise ValueError("its header is not a JSON object")
             data_size = os.path.getsize(path) - 8 - header_size
             buffer = (host_buffer or _plain_buffer)(data_size)[:data_size]
             if f.readinto(memoryview(buffer.numpy())) != data_size:
@@ -99,7 +103,7 @@ def read_safetensors(path: str, host_buffer: HostBuffer | None = None) -> dict[s
             for name, entry in header.items()
             if name != "__metadata__"
         }
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
         raise IncompatibleWeightsError(
             f"{path!r} is not a readable safetensors file ({exc}). torchrefit reads weights "
             "from safetensors only, never from pickles; convert with safetensors.torch.save_file."

@@ -26,7 +26,7 @@ from .lower import LoweringContext, lower
 from .module import CompiledModule, RefitState
 from .read import NewWeights, read_weights
 from .verify import compare_outputs
-from .weights import WeightProgram, WeightStore
+from .weights import WeightProgram
 
 logger = logging.getLogger("torchrefit")
 
@@ -57,13 +57,21 @@ def refit_module_weights(
     matched = match(new, state, use_weight_map_cache, arg_inputs, kwarg_inputs)
     values = evaluate(matched, state)
     validate(values, state)
-    target = compiled_module if in_place else _fresh_copy(compiled_module, values)
+    if verify_output and arg_inputs is None:
+        raise TorchRefitError("verify_output=True needs arg_inputs to run both models on.")
+    target = compiled_module if in_place else _fresh_copy(compiled_module)
     backup = state.store.clone() if verify_output and in_place else None
     target._torchrefit.store.commit(values)
     target._torchrefit.unset = target._torchrefit.unset - set(values)
     logger.info("refit (%s path) took %.2f ms", matched.path, 1e3 * (time.perf_counter() - started))
     if verify_output:
-        _verify(target, new, matched, state, arg_inputs, kwarg_inputs, backup)
+        try:
+            _verify(target, new, matched, state, arg_inputs, kwarg_inputs)
+        except BaseException:
+            if backup is not None:  # all or nothing: the module goes back to its old weights
+                target._torchrefit.store.commit(backup.tensors)
+                target._torchrefit.unset = set(state.unset)
+            raise
     return target
 
 
@@ -160,7 +168,8 @@ def _by_fqn(new: NewWeights, state: RefitState) -> dict[str, torch.Tensor]:
     for fqn, spec in state.specs.items():
         value = given.get(state.aliases.get(fqn, fqn))
         if value is None:
-            if spec.persistent or new.complete:
+            code_constant = spec.kind == "constant" and new.origin == "module"  # made in forward
+            if (spec.persistent or new.complete) and not code_constant:
                 raise MissingWeightError(
                     f"The new weights lack {spec.kind} {fqn!r} ({spec.dtype}{list(spec.shape)}). "
                     "Give every parameter and persistent buffer of the compiled model."
@@ -263,7 +272,9 @@ def evaluate(matched: Matched, state: RefitState) -> dict[str, torch.Tensor]:
             values[key] = derived[key]
         elif key in cast:
             values[key] = cast[key]
-    return values
+    # a value read from the store itself (its own constants, swapped) must not be overwritten
+    # before it is read: copy those first
+    return {k: v.clone() if state.store.holds(v) else v for k, v in values.items()}
 
 
 def _program_inputs(
@@ -288,7 +299,7 @@ def _check_casts(sources: dict[str, torch.Tensor], cast: dict[str, torch.Tensor]
     narrowed = {
         fqn: value
         for fqn, value in cast.items()
-        if value.is_floating_point() and value.element_size() < sources[fqn].element_size()
+        if value.is_floating_point() and sources[fqn].is_floating_point() and narrows(sources[fqn].dtype, value.dtype)
     }
     for fqn in nonfinite(narrowed):
         src = sources[fqn]
@@ -298,6 +309,11 @@ def _check_casts(sources: dict[str, torch.Tensor], cast: dict[str, torch.Tensor]
                 f"{src.abs().max().item():.4g}); it would become inf. Rescale it, or compile "
                 "with a wider dtype."
             )
+
+
+def narrows(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether a cast can overflow: bfloat16 into float16 narrows though both are 2 bytes."""
+    return src != dst and torch.finfo(dst).max < torch.finfo(src).max
 
 
 def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -341,7 +357,7 @@ def validate(values: dict[str, torch.Tensor], state: RefitState) -> None:
 # -- commit and verify ------------------------------------------------------------------
 
 
-def _fresh_copy(module: CompiledModule, values: dict[str, torch.Tensor]) -> CompiledModule:
+def _fresh_copy(module: CompiledModule) -> CompiledModule:
     """A module sharing the compiled engines, with its own weight store."""
     from .serialize import clone_module
 
@@ -355,10 +371,8 @@ def _verify(
     state: RefitState,
     arg_inputs: Any,
     kwarg_inputs: Any,
-    backup: WeightStore | None,
 ) -> None:
-    if arg_inputs is None:
-        raise TorchRefitError("verify_output=True needs arg_inputs to run both models on.")
+    """Compare with eager; retry the slow path once after a fast-path mismatch; raise."""
     reference = _reference(new, arg_inputs, kwarg_inputs)
     error = compare_outputs(target(*arg_inputs, **(kwarg_inputs or {})), reference)
     if error is not None and matched.path == "fast" and new.program is not None:
@@ -369,11 +383,10 @@ def _verify(
         target._torchrefit.store.commit(values)
         error = compare_outputs(target(*arg_inputs, **(kwarg_inputs or {})), reference)
     if error is not None:
-        if backup is not None:
-            target._torchrefit.store.commit(backup.tensors)
         raise RefitVerificationError(
-            f"After the refit, {error}. The module was left as it was before the refit. "
-            "Report this as a torchrefit bug, with the model."
+            f"After the refit, {error}. The module was left as it was before the refit. Either "
+            "the new weights' model computes something else than the compiled one (another "
+            "forward), or this is a torchrefit bug: please report it with the model."
         )
 
 

@@ -8,16 +8,17 @@ buffer refilled from a checkpoint) and push them into inference every few steps.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from .copy_kernel import GatherCopy, gather_copy_works
-from .errors import WeightValueError
+from .errors import TorchRefitError, WeightValueError
 from .module import CompiledModule
 from .read import read_weights
-from .refit import Matched, _fast, _refittable, evaluate, validate
+from .refit import Matched, _fast, _refittable, evaluate, narrows, validate
 
 logger = logging.getLogger("torchrefit")
 
@@ -32,6 +33,11 @@ class Refitter:
 
     def __init__(self, compiled: CompiledModule, weights: Any, *, cuda_graph: bool = True) -> None:
         self.state = _refittable(compiled)
+        if isinstance(weights, (str, os.PathLike)):
+            raise TorchRefitError(
+                "A Refitter binds tensors that change in place; a file is read once. Refit from "
+                "a file with torchrefit.refit_module_weights(module, path, in_place=True)."
+            )
         self.matched: Matched = _fast(read_weights(weights, self.state.specs), self.state)
         self.keys = [k for k in self.state.store.keys() if k in self.matched.tensors or self.state.lineage[k].kind == "program"]
         self._compute_graph: torch.cuda.CUDAGraph | None = None
@@ -60,7 +66,9 @@ class Refitter:
         device = self.state.store.device
         if device.type != "cuda":
             return False
-        return all(t.device == device or t.is_pinned() for t in self.matched.tensors.values())
+        return all(
+            t.device == device or (t.is_pinned() and t.is_contiguous()) for t in self.matched.tensors.values()
+        )
 
     def _compute(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """New values and one device flag saying they are all finite; no host sync."""
@@ -74,7 +82,7 @@ class Refitter:
         values = {k: derived[k] if k in derived else cast[k] for k in self.keys}
         checked = [
             v for k, v in values.items()
-            if v.is_floating_point() and v.numel() and (k in derived or v.element_size() < self.matched.tensors[k].element_size())
+            if v.is_floating_point() and v.numel() and (k in derived or narrows(self.matched.tensors[k].dtype, v.dtype))
         ]  # identity weights need no check: they are the caller's values as they are
         if not checked:
             return values, torch.ones((), dtype=torch.bool, device=device)

@@ -86,6 +86,8 @@ def load(path: str, weights: Any = None) -> CompiledModule:
             stripped = set(metadata.get("stripped", []))
             state = _state_from_json(metadata["state"], _read_weights(archive, path), stripped)
             root = torch.nn.Module()
+            for attr in state.output_constants:
+                root.register_buffer(attr, torch.empty(0), persistent=False)
             for child in metadata["children"]:
                 root.add_module(child["name"], _child_from_json(child, archive, state.settings, path))
             graph = graph_from_json(metadata["graph"])
@@ -138,6 +140,8 @@ def _checked_tensor(key: str, spec: dict[str, Any], tensors: dict[str, torch.Ten
 def clone_module(module: CompiledModule, store: WeightStore) -> CompiledModule:
     """A new module sharing the engines' compiled code, bound to `store`."""
     root = torch.nn.Module()
+    for attr in module._torchrefit.output_constants:
+        root.register_buffer(attr, torch.empty(0), persistent=False)
     for name, child in module.named_children():
         if isinstance(child, Engine):
             copy = Engine(child.backend, child.runner, child.constant_keys, child.single_output, child.artifact)
@@ -230,9 +234,10 @@ def _state_to_json(state: RefitState) -> dict[str, Any]:
         },
         "in_spec": pytree.treespec_dumps(state.in_spec),
         "out_spec": pytree.treespec_dumps(state.out_spec),
-        "guards": [None if g is None else [dtype_name(g.dtype), str(g.device), g.ndim] for g in state.guards],
+        "guards": [g.to_json() for g in state.guards],
         "lowered_order": state.lowered_order,
         "cast_inputs_to": None if state.cast_inputs_to is None else dtype_name(state.cast_inputs_to),
+        "output_constants": state.output_constants,
     }
 
 
@@ -255,10 +260,11 @@ def _state_from_json(data: dict[str, Any], tensors: dict[str, torch.Tensor], str
         store=store,
         in_spec=_treespec(data["in_spec"]),
         out_spec=_treespec(data["out_spec"]),
-        guards=[None if g is None else InputGuard(parse_dtype(g[0]), torch.device(g[1]), g[2]) for g in data["guards"]],
+        guards=[InputGuard.from_json(g) for g in data["guards"]],
         lowered_order=list(data["lowered_order"]),
         cast_inputs_to=None if cast is None else parse_dtype(cast),
         unset=set(stripped),
+        output_constants=dict(data.get("output_constants", {})),
     )
 
 

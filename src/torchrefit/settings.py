@@ -131,9 +131,25 @@ def _op_names(ops: Any) -> frozenset[str]:
         ops = [ops]
     names = set()
     for op in ops:
-        name = op if isinstance(op, str) else _overload_name(op)
-        names.add(name.removeprefix("torch.ops."))
+        name = (op if isinstance(op, str) else _overload_name(op)).removeprefix("torch.ops.")
+        if not _resolves(name):
+            raise SettingsError(
+                f"torch_executed_ops names {name!r}, which is no op; expected a name such as "
+                '"torch.ops.aten.convolution.default" or "aten.convolution".'
+            )
+        names.add(name)
     return frozenset(names)
+
+
+def _resolves(name: str) -> bool:
+    parts = name.split(".")
+    if len(parts) not in (2, 3):
+        return False
+    try:
+        packet = getattr(getattr(torch.ops, parts[0]), parts[1])
+        return len(parts) == 2 or hasattr(packet, parts[2])
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _overload_name(op: Any) -> str:

@@ -96,6 +96,11 @@ class WeightStore:
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.tensors[key]
 
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether `tensor` is a view of this store's memory."""
+        ptr = tensor.untyped_storage().data_ptr()
+        return any(ptr == arena.untyped_storage().data_ptr() for arena in self.arenas.values())
+
     def keys(self) -> list[str]:
         return list(self.tensors)
 

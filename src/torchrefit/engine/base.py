@@ -9,6 +9,8 @@ from typing import Any, Protocol
 import torch
 import torch.fx as fx
 
+from ..errors import SettingsError
+
 Runner = Callable[..., Sequence[torch.Tensor]]
 
 
@@ -34,4 +36,6 @@ def get_backend(name: str, options: dict[str, Any] | None = None) -> Backend:
 
     if name == "inductor":
         return InductorBackend(options)
-    return EagerBackend()
+    if name == "eager":
+        return EagerBackend()
+    raise SettingsError(f"Unknown backend {name!r}; expected 'inductor' or 'eager'.")

@@ -30,7 +30,10 @@ class InductorBackend:
 
         with torch.no_grad():
             return standalone_compile(
-                gm, example_inputs, dynamic_shapes="from_graph", options=dict(self.options)
+                gm,
+                example_inputs,
+                dynamic_shapes="from_graph",
+                options={"config_patches": dict(self.options)} if self.options else None,
             )
 
     def dump(self, runner: Runner) -> bytes:

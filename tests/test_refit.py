@@ -335,3 +335,29 @@ def test_upload_runs_join_adjacent_slots_and_cover_every_one() -> None:
     assert upload_runs(slots, item) == [(0, big), (big, big + 2 * step)]
     covered = upload_runs([(0, 3)], item)
     assert covered == [(0, 3)]
+
+
+def test_name_map_for_prefixed_checkpoints(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    case = CASES["mlp"]
+    a, b = case.build(0), case.build(1)
+    compiled = torchrefit.compile(a, case.inputs(), **EAGER)
+    checkpoint = {f"model.{k}": v for k, v in b.state_dict().items()}
+    checkpoint["optimizer.step"] = torch.tensor(3.0)
+    save_file(checkpoint, str(tmp_path / "ckpt.safetensors"))
+    with pytest.raises(torchrefit.UnexpectedWeightError, match="name_map") as error:
+        torchrefit.refit_module_weights(compiled, str(tmp_path / "ckpt.safetensors"))
+    assert "model.fc1.weight" in str(error.value) and "lack 6" in str(error.value)
+
+    def strip(name: str) -> str | None:
+        return None if name.startswith("optimizer.") else name.removeprefix("model.")
+
+    refitted = torchrefit.refit_module_weights(compiled, str(tmp_path / "ckpt.safetensors"), name_map=strip)
+    x = case.inputs()
+    assert_matches(refitted(*x), run_eager(b, *x))
+    renamed = {"layer1.weight": b.fc1.weight, **{k: v for k, v in b.state_dict().items() if k != "fc1.weight"}}
+    refitted = torchrefit.refit_module_weights(compiled, renamed, name_map={"layer1.weight": "fc1.weight"})
+    assert_matches(refitted(*x), run_eager(b, *x))
+    with pytest.raises(torchrefit.IncompatibleWeightsError, match="both"):
+        torchrefit.refit_module_weights(compiled, renamed, name_map=lambda n: "fc1.weight")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,11 +50,17 @@ def refit_module_weights(
     verify_output: bool = False,
     use_weight_map_cache: bool = True,
     in_place: bool = False,
+    name_map: Mapping[str, str] | Callable[[str], str | None] | None = None,
 ) -> CompiledModule:
-    """Replace the compiled module's weights; all or nothing. Returns the refitted module."""
+    """Replace the compiled module's weights; all or nothing. Returns the refitted module.
+
+    `name_map` renames the new weights' names to the compiled model's: a dict, or a function
+    (returning None drops a name, e.g. optimizer state in a checkpoint)."""
     started = time.perf_counter()
     state = _refittable(compiled_module)
     new = read_weights(new_weight_module, state.specs, lambda n: _host_buffer(state, n))
+    if name_map is not None:
+        new = rename(new, name_map)
     matched = match(new, state, use_weight_map_cache, arg_inputs, kwarg_inputs)
     values = evaluate(matched, state)
     validate(values, state)
@@ -88,6 +95,23 @@ def _refittable(module: Any) -> RefitState:
             "folded weights and cannot be refitted. Compile with immutable_weights=False."
         )
     return state
+
+
+def rename(new: NewWeights, name_map: Mapping[str, str] | Callable[[str], str | None]) -> NewWeights:
+    mapped: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for name, tensor in new.tensors.items():
+        target = name_map.get(name, name) if isinstance(name_map, Mapping) else name_map(name)
+        if target is None:
+            continue
+        if target in mapped:
+            raise IncompatibleWeightsError(
+                f"name_map maps both {origin[target]!r} and {name!r} to {target!r}; map each "
+                "weight to its own name."
+            )
+        mapped[target] = tensor
+        origin[target] = name
+    return NewWeights(mapped, new.origin if new.origin != "module" else "state_dict", new.program)
 
 
 def _host_buffer(state: RefitState, nbytes: int) -> torch.Tensor:
@@ -158,22 +182,25 @@ def _by_fqn(new: NewWeights, state: RefitState) -> dict[str, torch.Tensor]:
             )
         given.setdefault(fqn, value)
     extra = sorted(set(given) - set(state.specs))
+    missing = [fqn for fqn, spec in state.specs.items() if _required(fqn, spec, given, new, state)]
     if extra:
         raise UnexpectedWeightError(
             f"The new weights hold {len(extra)} name(s) the compiled program does not have: "
-            f"{extra[:5]}. Remove or rename them (the compiled names look like "
-            f"{list(state.specs)[:3]})."
+            f"{_names(extra)}" + (f"; and lack {len(missing)}: {_names(missing)}" if missing else "")
+            + ". Rename them (name_map= maps checkpoint names to model names, e.g. "
+            "lambda n: n.removeprefix('model.')), or remove them."
+        )
+    if missing:
+        spec = state.specs[missing[0]]
+        raise MissingWeightError(
+            f"The new weights lack {len(missing)} weight(s): {_names(missing)} (the first is a "
+            f"{spec.kind} of {spec.dtype}{list(spec.shape)}). Give every parameter and "
+            "persistent buffer of the compiled model."
         )
     tensors: dict[str, torch.Tensor] = {}
     for fqn, spec in state.specs.items():
         value = given.get(state.aliases.get(fqn, fqn))
         if value is None:
-            code_constant = spec.kind == "constant" and new.origin == "module"  # made in forward
-            if (spec.persistent or new.complete) and not code_constant:
-                raise MissingWeightError(
-                    f"The new weights lack {spec.kind} {fqn!r} ({spec.dtype}{list(spec.shape)}). "
-                    "Give every parameter and persistent buffer of the compiled model."
-                )
             continue  # a non-persistent buffer or constant a state_dict cannot hold: kept
         if tuple(value.shape) != spec.shape:
             raise WeightShapeError(
@@ -188,6 +215,20 @@ def _by_fqn(new: NewWeights, state: RefitState) -> dict[str, torch.Tensor]:
             )
         tensors[fqn] = value
     return tensors
+
+
+def _required(fqn: str, spec: Any, given: dict[str, torch.Tensor], new: NewWeights, state: RefitState) -> bool:
+    """Missing and needed: parameters and persistent buffers always; the rest only from an
+    ExportedProgram (a module cannot show constants its forward creates)."""
+    if state.aliases.get(fqn, fqn) in given:
+        return False
+    code_constant = spec.kind == "constant" and new.origin == "module"
+    return (spec.persistent or new.complete) and not code_constant
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}]"
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

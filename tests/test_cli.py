@@ -1,0 +1,92 @@
+"""The torchrefit command, through subprocess as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchrefit
+
+from models import MLP, randomize
+
+TESTS = Path(__file__).parent
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    env = {"PYTHONPATH": str(TESTS), "PATH": "/usr/bin:/bin"}
+    return subprocess.run(
+        [sys.executable, "-m", "torchrefit.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    a = randomize(MLP(), 0)
+    compiled = torchrefit.compile(a, (torch.randn(4, 16),), backend="eager")
+    path = root / "mlp.trf"
+    torchrefit.save(compiled, str(path))
+    return root, path
+
+
+def test_help_is_complete() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("inspect", "refit", "compile"):
+        assert command in result.stdout
+        sub = run(command, "--help")
+        assert sub.returncode == 0 and "usage" in sub.stdout
+
+
+def test_inspect(saved) -> None:
+    _, path = saved
+    text = run("inspect", str(path))
+    assert text.returncode == 0, text.stderr
+    assert "fc1.weight" in text.stdout and "float32[32, 16]" in text.stdout and "fingerprint" in text.stdout
+    summary = json.loads(run("inspect", str(path), "--json").stdout)
+    assert summary["weight_bytes"] == sum(c["bytes"] for c in summary["constants"]) > 0
+    assert summary["settings"]["backend"] == "eager"
+
+
+def test_refit_with_a_prefixed_checkpoint(saved, tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    _, path = saved
+    b = randomize(MLP(), 1)
+    save_file({f"model.{k}": v for k, v in b.state_dict().items()}, str(tmp_path / "b.safetensors"))
+    out = tmp_path / "b.trf"
+    result = run("refit", str(path), str(tmp_path / "b.safetensors"), "-o", str(out), "--strip-prefix", "model.", "--verify")
+    assert result.returncode == 0, result.stderr
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        assert torch.allclose(torchrefit.load(str(out))(x), b(x), atol=1e-5)
+
+
+def test_errors_exit_non_zero_with_the_message(saved, tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    _, path = saved
+    missing = run("inspect", str(tmp_path / "nothing.trf"))
+    assert missing.returncode == 1 and "not a torchrefit file" in missing.stderr
+    other = torch.nn.Linear(3, 3)
+    save_file(other.state_dict(), str(tmp_path / "other.safetensors"))
+    wrong = run("refit", str(path), str(tmp_path / "other.safetensors"), "-o", str(tmp_path / "x.trf"))
+    assert wrong.returncode == 1 and "fc1.weight" in wrong.stderr
+    assert not (tmp_path / "x.trf").exists()
+    usage = run("refit", str(path))
+    assert usage.returncode == 2
+
+
+def test_compile_from_a_factory(tmp_path) -> None:
+    out = tmp_path / "c.trf"
+    result = run("compile", "models:MLP", "--input", "4,16", "--set", "backend=eager", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(run("inspect", str(out), "--json").stdout)
+    assert any(c["name"] == "fc3.bias" for c in summary["constants"])
+    bad = run("compile", "models:NoSuchFactory", "--input", "4,16", "-o", str(out))
+    assert bad.returncode == 1 and "NoSuchFactory" in bad.stderr

@@ -12,6 +12,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
 
+from .cache import EngineCache, cache_key
 from .engine.base import Backend, get_backend
 from .errors import UnsupportedGraphError, WeightValueError
 from .export import (
@@ -44,13 +45,34 @@ def compile(
     settings = Settings.from_overrides(settings, **overrides)
     started = time.perf_counter()
     source = export_model(model, arg_inputs, kwarg_inputs)
+    cache = key = None
+    if settings.cache_dir is not None:
+        cache = EngineCache(settings.cache_dir, settings.cache_max_bytes)
+        key = cache_key(_fingerprint(source, settings), _target_device(source, settings))
+        cached = cache.load(key, weights=source)
+        if cached is not None:
+            return cached
     program = engine_program(source, model, arg_inputs, kwarg_inputs, settings)
     lowered = lower(program, LoweringContext(settings))
     backend = get_backend(settings.backend, dict(settings.inductor_options))
     parts = partition(lowered.gm, settings, Capability(settings.torch_executed_ops, backend.supports))
     compiled = build(source, program, lowered, parts, backend, settings)
     logger.info("compiled %d engine(s) in %.1f s", len(compiled.engines()), time.perf_counter() - started)
+    if cache is not None and key is not None:
+        from .serialize import save
+
+        cache.store(key, compiled, save)
     return compiled
+
+
+def _fingerprint(source: ExportedProgram, settings: Settings) -> str:
+    return fingerprint(describe(source.graph, source_labels(source, with_names=True)), settings.engine_key())
+
+
+def _target_device(source: ExportedProgram, settings: Settings) -> torch.device:
+    if settings.device is not None:
+        return torch.device(settings.device)
+    return _program_device(source)
 
 
 def source_labels(ep: ExportedProgram, with_names: bool) -> dict[str, str]:

@@ -59,6 +59,11 @@ class Settings:
     inductor_options: tuple[tuple[str, Any], ...] = _affects_engine(
         (), "Extra Inductor options, as (name, value) pairs."
     )
+    cache_dir: str | None = _runtime(
+        None,
+        "Engine cache directory: a structure compiled before is loaded and refitted, not compiled.",
+    )
+    cache_max_bytes: int = _runtime(4 << 30, "Size bound of the engine cache; least recently used entries go.")
     cuda_graphs: bool = _runtime(
         False,
         "Replay each input shape's call as a CUDA graph (inputs copied in, outputs copied out).",

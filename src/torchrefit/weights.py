@@ -41,7 +41,6 @@ class WeightProgram:
 
 
 ALIGN_BYTES = 256  # what cudaMalloc gives: vectorized kernels read aligned views at full speed
-DIRECT_BYTES = 1 << 20  # pinned host tensors this large are copied straight to the device
 CHUNK_BYTES = 16 << 20  # staged uploads start every 16 MB, overlapping the host copies
 
 
@@ -114,9 +113,9 @@ class WeightStore:
     def commit(self, values: dict[str, torch.Tensor]) -> None:
         """Copy validated values in. Call only after validation: nothing here can fail.
 
-        Same-device values go in batched copies. Host values bound for a GPU go through a
-        pinned mirror of the arena, in contiguous runs, so a few hundred small weights
-        cost a few large transfers; large pinned tensors are copied directly.
+        Same-device values go in batched copies. Pinned host values are copied straight in,
+        asynchronously; pageable ones go through a pinned mirror of the arena in contiguous
+        runs, so a few hundred small weights cost a few large transfers.
         """
         groups: dict[tuple[torch.device, torch.device], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for key, value in values.items():
@@ -138,7 +137,7 @@ class WeightStore:
     def _commit_from_host(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
         staged: dict[tuple[torch.device, torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for dst, src in zip(dsts, srcs, strict=True):
-            if src.is_pinned() and src.is_contiguous() and src.nbytes >= DIRECT_BYTES:
+            if src.is_pinned():  # the copy engine reads it directly, asynchronously
                 dst.copy_(src, non_blocking=True)
             else:
                 staged.setdefault((dst.device, dst.dtype), []).append((dst, src))

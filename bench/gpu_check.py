@@ -19,36 +19,18 @@ import time
 import torch
 
 import torchrefit
+
+sys.path.insert(0, os.path.dirname(__file__))
+import refit_bench  # noqa: E402
+
 from torchrefit.verify import relative_error
 
 DEVICE = "cuda"
 DTYPE = torch.float16
 
 
-def perturb_batch_norms(model: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-
-
 def build(name: str, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    if name == "resnet50":
-        import torchvision
-
-        model = torchvision.models.resnet50(weights=None)
-        perturb_batch_norms(model, seed)
-    else:
-        from transformers import BertConfig, BertModel
-
-        model = BertModel(BertConfig())
-    return model.eval().to(DEVICE, DTYPE)
+    return refit_bench.build("bert-base" if name != "resnet50" else name, seed, DEVICE, DTYPE)
 
 
 def inputs(name: str, batch: int = 8) -> tuple[torch.Tensor, ...]:

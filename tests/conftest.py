@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pickle
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -40,3 +43,20 @@ def inductor_modules() -> dict[str, tuple[torch.nn.Module, torchrefit.CompiledMo
         model = case.build(0)
         compiled[name] = (model, torchrefit.compile(model, case.inputs(), backend="inductor", **case.settings))
     return compiled
+
+
+@pytest.fixture
+def unpickling_calls(monkeypatch) -> list[str]:
+    """pickle.loads, pickle.load and torch.load raise, and record that they were called."""
+    calls: list[str] = []
+
+    def refuse(name: str) -> Callable[..., Any]:
+        def refused(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            raise AssertionError(f"{name} was called: weights and metadata must never be unpickled")
+
+        return refused
+
+    for owner, attr in ((pickle, "loads"), (pickle, "load"), (torch, "load")):
+        monkeypatch.setattr(owner, attr, refuse(f"{owner.__name__}.{attr}"))
+    return calls

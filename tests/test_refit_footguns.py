@@ -7,7 +7,6 @@ still gives exactly its old outputs, whether the refit was asked in place or not
 from __future__ import annotations
 
 import copy
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -482,23 +481,6 @@ def test_failed_folded_weight_refit_leaves_outputs_identical():
 
 
 # -- weights are data: never unpickled ------------------------------------------------------
-
-
-@pytest.fixture
-def unpickling_calls(monkeypatch) -> list[str]:
-    """pickle.loads, pickle.load and torch.load raise, and record that they were called."""
-    calls: list[str] = []
-
-    def refuse(name: str) -> Callable[..., Any]:
-        def refused(*args: Any, **kwargs: Any) -> Any:
-            calls.append(name)
-            raise AssertionError(f"{name} was called: weights must never be unpickled")
-
-        return refused
-
-    for owner, attr in ((pickle, "loads"), (pickle, "load"), (torch, "load")):
-        monkeypatch.setattr(owner, attr, refuse(f"{owner.__name__}.{attr}"))
-    return calls
 
 
 @pytest.mark.parametrize("source", ["state_dict", "safetensors"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import pickle
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -135,23 +134,6 @@ def test_save_after_refit_keeps_new_weights(compiled, tmp_path):
     inputs = compiled.inputs()
     assert_equal_outputs(run_eager(loaded, *inputs), run_eager(refitted, *inputs))
     assert_matches(run_eager(loaded, *inputs), run_eager(model_b, *inputs))
-
-
-@pytest.fixture
-def unpickling_calls(monkeypatch) -> list[str]:
-    """pickle.loads, pickle.load and torch.load raise, and record that they were called."""
-    calls: list[str] = []
-
-    def refuse(name: str) -> Callable[..., Any]:
-        def refused(*args: Any, **kwargs: Any) -> Any:
-            calls.append(name)
-            raise AssertionError(f"{name} was called: loading must never unpickle")
-
-        return refused
-
-    for owner, attr in ((pickle, "loads"), (pickle, "load"), (torch, "load")):
-        monkeypatch.setattr(owner, attr, refuse(f"{owner.__name__}.{attr}"))
-    return calls
 
 
 # -- files torchrefit must refuse ----------------------------------------------------------

@@ -10,7 +10,6 @@ import importlib
 import json
 import sys
 import time
-import zipfile
 from typing import Any
 
 import torch
@@ -89,14 +88,10 @@ def _inspect(args: argparse.Namespace) -> None:
 
 def inspect_file(path: str) -> dict[str, Any]:
     """What a file holds, from its JSON metadata alone: no engine is loaded, nothing runs."""
-    from .serialize import _read_metadata
+    from .serialize import open_file
 
-    try:
-        archive = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise TorchRefitError(f"{path!r} is not a torchrefit file ({exc}).") from exc
+    archive, metadata = open_file(path)
     with archive:
-        metadata = _read_metadata(archive, path)
         sizes = {i.filename: i.file_size for i in archive.infolist()}
     state, stripped = metadata["state"], set(metadata.get("stripped", []))
     constants = []

@@ -76,12 +76,8 @@ def stripped_keys(state: RefitState) -> set[str]:
 def load(path: str, weights: Any = None) -> CompiledModule:
     """Read a file written by `save`. A file saved without weights needs `weights` (anything
     `refit_module_weights` takes); without them the module refuses to run."""
-    try:
-        archive = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise SerializationError(f"{path!r} is not a torchrefit file ({exc}).") from exc
+    archive, metadata = open_file(path)
     with archive:
-        metadata = _read_metadata(archive, path)
         try:
             stripped = set(metadata.get("stripped", []))
             state = _state_from_json(metadata["state"], _read_weights(archive, path), stripped)
@@ -200,6 +196,19 @@ def _child_from_json(data: dict[str, Any], archive: zipfile.ZipFile, settings: S
         )
     runner = get_backend(data["backend"], dict(settings.inductor_options)).load(artifact)
     return Engine(data["backend"], runner, list(data["constant_keys"]), data["single_output"], artifact)
+
+
+def open_file(path: str) -> tuple[zipfile.ZipFile, dict[str, Any]]:
+    """The archive and its checked metadata (JSON: nothing runs)."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise SerializationError(f"{path!r} is not a torchrefit file ({exc}).") from exc
+    try:
+        return archive, _read_metadata(archive, path)
+    except SerializationError:
+        archive.close()
+        raise
 
 
 def _read_metadata(archive: zipfile.ZipFile, path: str) -> dict[str, Any]:

@@ -85,3 +85,24 @@ def test_gather_copy_kernel_copies_every_tensor_exactly() -> None:
     copy()
     for d, s in zip(dsts, srcs, strict=True):
         assert torch.equal(d, s)
+
+
+def test_cuda_mutable_module_with_lora() -> None:
+    peft = pytest.importorskip("peft")
+    case = CASES["bert"]
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False)
+    model = peft.get_peft_model(case.build(0).cuda().half(), config).eval()
+    mutable = torchrefit.MutableModule(model)
+    ids = lambda: (case.inputs()[0].cuda(),)  # noqa: E731
+    for step in range(3):
+        x = ids()
+        assert_matches(mutable(*x), run_eager(model, *x))
+        with torch.no_grad():
+            model.base_model.model.encoder.layer[0].attention.self.query.base_layer.weight.mul_(0.9)
+        if step == 1:
+            model.merge_adapter()
+    x = ids()
+    assert_matches(mutable(*x), run_eager(model, *x))
+    model.unmerge_adapter()
+    assert_matches(mutable(*x), run_eager(model, *x))
+    assert mutable.compiles == 2 and mutable.refits >= 3

@@ -20,6 +20,7 @@ from .errors import (
     WeightValueError,
 )
 from .module import CompiledModule, Engine, Fallback
+from .mutable import MutableModule
 from .refit import refit_module_weights
 from .refitter import Refitter
 from .serialize import load, save
@@ -37,6 +38,7 @@ __all__ = [
     "InputError",
     "LineageError",
     "MissingWeightError",
+    "MutableModule",
     "RefitVerificationError",
     "Refitter",
     "SerializationError",

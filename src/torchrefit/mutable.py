@@ -1,0 +1,227 @@
+"""MutableModule: a model that compiles itself once and refits itself when its weights change.
+
+Each call checks, cheaply and without comparing outputs, whether the wrapped model's
+weights changed since the last call (a replaced tensor, an in-place op, an optimizer step,
+`load_state_dict`, and writes through `.data` that bypass the version counter), refits only
+the constants that depend on them, and recompiles when the structure changes: the set,
+shapes or dtypes of the weights, the inputs beyond the compiled ranges, or the Python state
+that steers `forward` (`training`, a LoRA adapter's merged flag). It never returns results
+computed with stale weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from .errors import InputError, TorchRefitError
+from .module import CompiledModule
+from .read import NewWeights, _module_tensors
+from .refit import _fast, evaluate, validate
+from .settings import Settings
+
+logger = logging.getLogger("torchrefit")
+
+_SIMPLE = (bool, int, float, str, type(None))
+
+
+class MutableModule(torch.nn.Module):
+    """Wraps `model`; compiles on the first call with that call's inputs (settings as for
+    `torchrefit.compile`). `check_values=False` skips the comparison of weight values that
+    catches `.data` writes (cheaper; version counters and tensor identity still count)."""
+
+    def __init__(self, model: torch.nn.Module, *, check_values: bool = True, settings: Settings | None = None, **overrides: Any) -> None:
+        super().__init__()
+        self.__dict__.update(
+            model=model,
+            _settings=Settings.from_overrides(settings, **overrides),
+            _check_values=check_values,
+            _compiled={},  # (state signature, input signature) -> CompiledModule
+            _seen={},  # id(compiled) -> {FQN: (id, data_ptr, version)}
+            _snapshots={},  # id(compiled) -> {FQN: copy}, for weights the store cannot show
+            compiles=0,
+            refits=0,
+        )
+
+    # -- behave like the wrapped model ------------------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["model"], name)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.load_state_dict(*args, **kwargs)
+
+    def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        return self.model.named_parameters(*args, **kwargs)
+
+    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]:
+        return self.model.parameters(recurse)
+
+    def named_buffers(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        return self.model.named_buffers(*args, **kwargs)
+
+    def buffers(self, recurse: bool = True) -> Iterator[torch.Tensor]:
+        return self.model.buffers(recurse)
+
+    def train(self, mode: bool = True) -> MutableModule:
+        self.model.train(mode)
+        return self
+
+    # -- calls ------------------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        key = (_state_signature(self.model), _input_signature(args, kwargs))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = self._compile(key, args, kwargs, "first call with this structure")
+        elif not self._sync(compiled):
+            compiled = self._compile(key, args, kwargs, "the weights changed shape, dtype or set")
+        try:
+            return compiled(*args, **kwargs)
+        except InputError as exc:
+            compiled = self._compile(key, args, kwargs, str(exc))
+            return compiled(*args, **kwargs)
+
+    def refit(self) -> None:
+        """Bring every compiled variant up to date with the model's weights now."""
+        for compiled in self._compiled.values():
+            self._sync(compiled)
+
+    def recompile(self) -> None:
+        """Drop every compiled variant; the next call compiles again."""
+        self._compiled.clear()
+        self._seen.clear()
+        self._snapshots.clear()
+
+    def save(self, path: str) -> None:
+        """The most recently compiled variant, in torchrefit's file format."""
+        if not self._compiled:
+            raise TorchRefitError("Nothing is compiled yet: call the module once before save().")
+        from .serialize import save
+
+        self._sync(next(reversed(self._compiled.values())))
+        save(next(reversed(self._compiled.values())), path)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _compile(self, key: tuple, args: tuple, kwargs: dict, reason: str) -> CompiledModule:
+        from .compile import compile as compile_model
+
+        logger.info("MutableModule: compiling (%s)", reason)
+        compiled = compile_model(self.model, args, kwargs or None, settings=self._settings)
+        self._compiled[key] = compiled
+        self.__dict__["compiles"] += 1
+        self._record(compiled, self._weights(compiled))
+        return compiled
+
+    def _weights(self, compiled: CompiledModule) -> dict[str, torch.Tensor]:
+        return _module_tensors(self.model, compiled._torchrefit.specs)
+
+    def _sync(self, compiled: CompiledModule) -> bool:
+        """Refit what changed; False when only a recompile can follow the change."""
+        state = compiled._torchrefit
+        current = self._weights(compiled)
+        for fqn, spec in state.specs.items():
+            tensor = current.get(fqn, current.get(state.aliases.get(fqn, fqn)))
+            if tensor is None:
+                if spec.persistent:
+                    return False
+                continue
+            if tuple(tensor.shape) != spec.shape or str(tensor.dtype).removeprefix("torch.") != spec.dtype:
+                return False
+        changed = self._changed(compiled, current)
+        if not changed:
+            return True
+        try:
+            self._refit(compiled, current, changed)
+        except TorchRefitError as exc:
+            warnings.warn(f"torchrefit: refit failed ({exc}); recompiling", stacklevel=3)
+            return False
+        return True
+
+    def _changed(self, compiled: CompiledModule, current: dict[str, torch.Tensor]) -> set[str]:
+        seen = self._seen.get(id(compiled), {})
+        changed = {f for f, t in current.items() if seen.get(f) != _identity(t)}
+        if self._check_values:
+            changed |= self._changed_values(compiled, current, skip=changed)
+        return changed & set(compiled._torchrefit.specs)
+
+    def _changed_values(self, compiled: CompiledModule, current: dict[str, torch.Tensor], skip: set[str]) -> set[str]:
+        """Weights whose values differ from what the engines were given (`.data` writes)."""
+        state = compiled._torchrefit
+        snapshots = self._snapshots.get(id(compiled), {})
+        pairs = []
+        for fqn, tensor in current.items():
+            if fqn in skip:
+                continue
+            reference = snapshots.get(fqn)
+            if reference is None and fqn in state.store.tensors and state.lineage[fqn].kind == "identity":
+                reference = state.store[fqn]
+            if reference is not None and reference.device == tensor.device and reference.shape == tensor.shape:
+                pairs.append((fqn, tensor, reference))
+        if not pairs:
+            return set()
+        flags = torch.stack([torch.ne(t, r).any() for _, t, r in pairs]).tolist()
+        return {fqn for (fqn, _, _), differs in zip(pairs, flags, strict=True) if differs}
+
+    def _refit(self, compiled: CompiledModule, current: dict[str, torch.Tensor], changed: set[str]) -> None:
+        state = compiled._torchrefit
+        matched = _fast(NewWeights(current, "module"), state)
+        values = evaluate(matched, state)
+        touched = {k: v for k, v in values.items() if changed & set(state.lineage[k].sources)}
+        validate(touched, state)
+        state.store.commit(touched)
+        self.__dict__["refits"] += 1
+        logger.debug("MutableModule: refitted %d constants (%d weights changed)", len(touched), len(changed))
+        self._record(compiled, current)
+
+    def _record(self, compiled: CompiledModule, current: dict[str, torch.Tensor]) -> None:
+        """Remember each weight's identity, and a copy of those the store cannot stand for."""
+        state = compiled._torchrefit
+        self._seen[id(compiled)] = {f: _identity(t) for f, t in current.items()}
+        if not self._check_values:
+            return
+        snapshots = {}
+        for fqn, tensor in current.items():
+            stored = state.store.tensors.get(fqn)
+            shown = stored is not None and state.lineage[fqn].kind == "identity" and stored.device == tensor.device
+            if fqn in state.specs and not shown:
+                snapshots[fqn] = tensor.detach().clone()
+        self._snapshots[id(compiled)] = snapshots
+
+
+def _identity(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
+    """Storage and version counter (shared by detached views): a new tensor or an in-place
+    write changes it. Writes through `.data` do not: the value check catches those."""
+    return (tensor.data_ptr(), tensor._version, tuple(tensor.shape))
+
+
+def _state_signature(model: torch.nn.Module) -> tuple:
+    """The plain Python state of every submodule: what `forward` may branch on."""
+    items = []
+    for name, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if isinstance(value, _SIMPLE) or (
+                isinstance(value, (list, tuple)) and all(isinstance(v, _SIMPLE) for v in value)
+            ):
+                items.append((name, attr, tuple(value) if isinstance(value, list) else value))
+    return tuple(items)
+
+
+def _input_signature(args: tuple, kwargs: dict) -> tuple:
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    described = tuple(
+        (tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else repr(x) for x in leaves
+    )
+    return (str(spec), described)

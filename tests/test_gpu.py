@@ -106,3 +106,19 @@ def test_cuda_mutable_module_with_lora() -> None:
     model.unmerge_adapter()
     assert_matches(mutable(*x), run_eager(model, *x))
     assert mutable.compiles == 2 and mutable.refits >= 3
+
+
+def test_cuda_streamed_safetensors_refit(tmp_path, monkeypatch) -> None:
+    from safetensors.torch import save_file
+
+    import torchrefit.stream as stream
+
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 4096)  # many chunks through the two pinned buffers
+    case = CASES["bert"]
+    a, b = case.build(0).cuda().half(), case.build(1).half()
+    compiled = torchrefit.compile(a, (case.inputs()[0].cuda(),))
+    path = str(tmp_path / "b.safetensors")
+    save_file({k: v.contiguous() for k, v in b.state_dict().items()}, path)
+    torchrefit.refit_module_weights(compiled, path, in_place=True)
+    x = (case.inputs()[0].cuda(),)
+    assert_matches(compiled(*x), run_eager(b.cuda(), *x))

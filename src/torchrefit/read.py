@@ -80,50 +80,83 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+@dataclass(frozen=True)
+class FileTensor:
+    """Where one tensor lies in a safetensors file (absolute byte offsets)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def index_safetensors(path: str) -> dict[str, FileTensor]:
+    """Name -> FileTensor from the file's JSON header, every entry checked against the file."""
+    if not os.path.exists(path):
+        raise TorchRefitError(f"Weights file {path!r} does not exist.")
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            if header_size > size - 8:
+                raise ValueError(f"its header claims {header_size} bytes, more than the file holds")
+            header = json.loads(f.read(header_size))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        start = 8 + header_size
+        return {
+            name: _entry(name, entry, start, size) for name, entry in header.items() if name != "__metadata__"
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def _entry(name: str, entry: dict[str, Any], start: int, size: int) -> FileTensor:
+    dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise ValueError(f"tensor {name!r} has dtype {entry['dtype']!r}, which torchrefit does not read")
+    begin, end = (start + int(o) for o in entry["data_offsets"])
+    shape = tuple(int(d) for d in entry["shape"])
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if not start <= begin <= end <= size or end - begin != math.prod(shape) * itemsize:
+        raise ValueError(f"tensor {name!r} has offsets {entry['data_offsets']} that do not fit its shape")
+    return FileTensor(dtype, shape, begin, end)
+
+
+def _unreadable(path: str, exc: BaseException) -> IncompatibleWeightsError:
+    return IncompatibleWeightsError(
+        f"{path!r} is not a readable safetensors file ({exc}). torchrefit reads weights "
+        "from safetensors only, never from pickles; convert with safetensors.torch.save_file."
+    )
+
+
 def read_safetensors(path: str, host_buffer: HostBuffer | None = None) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file, read straight into one host buffer (pinned, when the
     caller's buffer is, so the copies to the GPU run at full speed). The format is a JSON
     header and raw bytes: nothing is executed or unpickled."""
-    if not os.path.exists(path):
-        raise TorchRefitError(f"Weights file {path!r} does not exist.")
+    index = index_safetensors(path)
+    start = min((t.begin for t in index.values()), default=0)
+    data_size = os.path.getsize(path) - start
+    buffer = (host_buffer or _plain_buffer)(data_size)[:data_size]
     try:
         with open(path, "rb") as f:
-            (header_size,) = struct.unpack("<Q", f.read(8))
-            if header_size > os.path.getsize(path) - 8:
-                raise ValueError(f"its header claims {header_size} bytes, more than the file holds")
-            header = json.loads(f.read(header_size))
-            if not isinstance(header, dict):
-                raise ValueError("its header is not a JSON object")
-            data_size = os.path.getsize(path) - 8 - header_size
-            buffer = (host_buffer or _plain_buffer)(data_size)[:data_size]
+            f.seek(start)
             if f.readinto(memoryview(buffer.numpy())) != data_size:
                 raise ValueError("the file ends early")
-        return {
-            name: _tensor(name, entry, buffer)
-            for name, entry in header.items()
-            if name != "__metadata__"
-        }
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
-        raise IncompatibleWeightsError(
-            f"{path!r} is not a readable safetensors file ({exc}). torchrefit reads weights "
-            "from safetensors only, never from pickles; convert with safetensors.torch.save_file."
-        ) from exc
+    except (OSError, ValueError) as exc:
+        raise _unreadable(path, exc) from exc
+    return {name: _view(t, buffer, start) for name, t in index.items()}
+
+
+def _view(t: FileTensor, buffer: torch.Tensor, start: int) -> torch.Tensor:
+    raw = buffer[t.begin - start : t.end - start]
+    itemsize = torch.empty((), dtype=t.dtype).element_size()
+    if raw.numel() and (t.begin - start) % itemsize:
+        raw = raw.clone()  # misaligned for its dtype: copy (rare; writers align)
+    return raw.view(t.dtype).view(t.shape)
 
 
 def _plain_buffer(nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8)
 
 
-def _tensor(name: str, entry: dict[str, Any], buffer: torch.Tensor) -> torch.Tensor:
-    dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
-    if dtype is None:
-        raise ValueError(f"tensor {name!r} has dtype {entry['dtype']!r}, which torchrefit does not read")
-    begin, end = entry["data_offsets"]
-    shape = [int(d) for d in entry["shape"]]
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if not 0 <= begin <= end <= buffer.numel() or end - begin != math.prod(shape) * itemsize:
-        raise ValueError(f"tensor {name!r} has offsets {entry['data_offsets']} that do not fit its shape")
-    raw = buffer[begin:end]
-    if begin % itemsize:  # misaligned for its dtype: copy (rare; writers align)
-        raw = raw.clone()
-    return raw.view(dtype).view(shape)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -58,6 +59,12 @@ def refit_module_weights(
     (returning None drops a name, e.g. optimizer state in a checkpoint)."""
     started = time.perf_counter()
     state = _refittable(compiled_module)
+    if isinstance(new_weight_module, (str, os.PathLike)) and not verify_output:
+        from .stream import refit_from_file
+
+        streamed = refit_from_file(compiled_module, os.fspath(new_weight_module), name_map, in_place)
+        if streamed is not None:
+            return streamed
     new = read_weights(new_weight_module, state.specs, lambda n: _host_buffer(state, n))
     if name_map is not None:
         new = rename(new, name_map)

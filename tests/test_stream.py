@@ -1,0 +1,84 @@
+"""Refit from a safetensors file in bounded chunks, never the whole file in memory."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import torchrefit
+import torchrefit.read
+import torchrefit.stream as stream
+
+from cases import CASES
+from helpers import assert_differs, assert_matches, run_eager
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 1000)  # many chunks, none aligned to a weight
+
+    def whole_file(*args, **kwargs):
+        raise AssertionError("the whole file was read into memory")
+
+    monkeypatch.setattr(torchrefit.read, "read_safetensors", whole_file)
+
+
+def _file(tmp_path, model, name="w.safetensors"):
+    path = str(tmp_path / name)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["mlp", "bert", "conv_bn_folded"])
+def test_streamed_refit_matches_eager(small_chunks, tmp_path, name: str) -> None:
+    case = CASES[name]
+    a, b = case.build(0), case.build(1)
+    compiled = torchrefit.compile(a, case.inputs(), backend="eager", **case.settings)
+    refitted = torchrefit.refit_module_weights(compiled, _file(tmp_path, b))
+    x = case.inputs()
+    assert_matches(refitted(*x), run_eager(b, *x))
+    assert_differs(refitted(*x), run_eager(a, *x))
+    assert_matches(compiled(*x), run_eager(a, *x))
+
+
+def test_streamed_cast_checks_overflow_before_writing(small_chunks, tmp_path) -> None:
+    case = CASES["mlp"]
+    a, b = case.build(0), case.build(1)
+    compiled = torchrefit.compile(a, case.inputs(), backend="eager", dtype="float16")
+    torchrefit.refit_module_weights(compiled, _file(tmp_path, b), in_place=True)
+    x = case.inputs()
+    assert_matches(compiled(*x), run_eager(copy.deepcopy(b).half(), x[0].half()))
+    before = compiled(*x)
+    with torch.no_grad():
+        b.fc3.weight[-1, -1] = 1e6  # the last value of the last weight
+    with pytest.raises(torchrefit.WeightValueError, match="fc3.weight"):
+        torchrefit.refit_module_weights(compiled, _file(tmp_path, b, "big.safetensors"), in_place=True)
+    assert torch.equal(compiled(*x), before)
+
+
+def test_a_read_failure_midway_leaves_a_module_that_refuses_to_run(small_chunks, tmp_path, monkeypatch) -> None:
+    case = CASES["mlp"]
+    a, b = case.build(0), case.build(1)
+    compiled = torchrefit.compile(a, case.inputs(), backend="eager")
+    path = _file(tmp_path, b)
+    real_copy = stream._Chunks.copy
+    calls = []
+
+    def failing(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("the disk went away")
+        return real_copy(self, *args)
+
+    monkeypatch.setattr(stream._Chunks, "copy", failing)
+    with pytest.raises(OSError):
+        torchrefit.refit_module_weights(compiled, path, in_place=True)
+    with pytest.raises(torchrefit.WeightsNotLoadedError):
+        compiled(*case.inputs())
+    monkeypatch.setattr(stream._Chunks, "copy", real_copy)
+    torchrefit.refit_module_weights(compiled, path, in_place=True)
+    x = case.inputs()
+    assert_matches(compiled(*x), run_eager(b, *x))

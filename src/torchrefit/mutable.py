@@ -44,6 +44,7 @@ class MutableModule(torch.nn.Module):
             _compiled={},  # (state signature, input signature) -> CompiledModule
             _seen={},  # id(compiled) -> {FQN: (id, data_ptr, version)}
             _snapshots={},  # id(compiled) -> {FQN: copy}, for weights the store cannot show
+            _traced_merges={},  # id(compiled) -> {LoRA layer: adapters merged when traced}
             compiles=0,
             refits=0,
         )
@@ -121,12 +122,15 @@ class MutableModule(torch.nn.Module):
         logger.info("MutableModule: compiling (%s)", reason)
         compiled = compile_model(self.model, args, kwargs or None, settings=self._settings)
         self._compiled[key] = compiled
+        self._traced_merges[id(compiled)] = _merges(self.model)
         self.__dict__["compiles"] += 1
         self._record(compiled, self._weights(compiled))
         return compiled
 
     def _weights(self, compiled: CompiledModule) -> dict[str, torch.Tensor]:
-        return _module_tensors(self.model, compiled._torchrefit.specs)
+        weights = _module_tensors(self.model, compiled._torchrefit.specs)
+        weights.update(_lora_views(self.model, self._traced_merges.get(id(compiled), {})))
+        return weights
 
     def _sync(self, compiled: CompiledModule) -> bool:
         """Refit what changed; False when only a recompile can follow the change."""
@@ -152,9 +156,11 @@ class MutableModule(torch.nn.Module):
 
     def _changed(self, compiled: CompiledModule, current: dict[str, torch.Tensor]) -> set[str]:
         seen = self._seen.get(id(compiled), {})
-        changed = {f for f, t in current.items() if seen.get(f) != _identity(t)}
-        if self._check_values:
-            changed |= self._changed_values(compiled, current, skip=changed)
+        views = {f for f, t in current.items() if getattr(t, "_torchrefit_view", False)}
+        changed = {f for f, t in current.items() if f not in views and seen.get(f) != _identity(t)}
+        if self._check_values or views:
+            candidates = current if self._check_values else {f: current[f] for f in views}
+            changed |= self._changed_values(compiled, candidates, skip=changed)
         return changed & set(compiled._torchrefit.specs)
 
     def _changed_values(self, compiled: CompiledModule, current: dict[str, torch.Tensor], skip: set[str]) -> set[str]:
@@ -211,7 +217,10 @@ def _state_signature(model: torch.nn.Module) -> tuple:
     """The plain Python state of every submodule: what `forward` may branch on."""
     items = []
     for name, module in model.named_modules():
+        lora = _is_lora(module)
         for attr, value in vars(module).items():
+            if lora and attr == "merged_adapters":
+                continue  # a merge is a weight change: see _lora_views
             if isinstance(value, _SIMPLE) or (
                 isinstance(value, (list, tuple)) and all(isinstance(v, _SIMPLE) for v in value)
             ):
@@ -225,3 +234,40 @@ def _input_signature(args: tuple, kwargs: dict) -> tuple:
         (tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else repr(x) for x in leaves
     )
     return (str(spec), described)
+
+
+# -- LoRA (peft): a merge or unmerge is a change of weights, not of structure -------------------
+#
+# peft's merge adds each adapter's delta to the base weight (through `.data`) and then skips
+# the adapter branch in forward. A compiled graph keeps the branches it was traced with; so
+# the weight it is given for the base layer is the current weight moved to the traced merge
+# state: W - delta(merged now) + delta(merged when traced). The outputs equal eager's, and
+# merging or unmerging is a refit.
+
+
+def _is_lora(module: torch.nn.Module) -> bool:
+    return hasattr(module, "get_delta_weight") and hasattr(module, "base_layer") and hasattr(module, "merged_adapters")
+
+
+def _merges(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    return {name: tuple(m.merged_adapters) for name, m in model.named_modules() if _is_lora(m)}
+
+
+def _lora_views(model: torch.nn.Module, traced: dict[str, tuple[str, ...]]) -> dict[str, torch.Tensor]:
+    views: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if not _is_lora(module):
+            continue
+        now, then = tuple(module.merged_adapters), traced.get(name, ())
+        if now == then:
+            continue
+        weight = module.base_layer.weight
+        with torch.no_grad():
+            view = weight.detach().clone()
+            for adapter in now:
+                view -= module.get_delta_weight(adapter).to(view.dtype)
+            for adapter in then:
+                view += module.get_delta_weight(adapter).to(view.dtype)
+        view._torchrefit_view = True  # type: ignore[attr-defined]
+        views[f"{name}.base_layer.weight" if name else "base_layer.weight"] = view
+    return views

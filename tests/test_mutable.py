@@ -134,3 +134,14 @@ def test_lora_merge_and_unmerge_stay_exact() -> None:
     refits = mutable.refits
     _check(mutable, model, case.inputs)
     assert mutable.refits == refits + 1 and mutable.compiles == 1
+
+
+def test_load_wraps_a_saved_module_and_refits_the_models_weights(tmp_path) -> None:
+    model = randomize(MLP(), 0)
+    mutable = _wrap(model)
+    mutable(*mlp_inputs())
+    mutable.save(str(tmp_path / "m.trf"))
+    other = randomize(MLP(), 5)
+    loaded = torchrefit.MutableModule.load(str(tmp_path / "m.trf"), other)
+    _check(loaded, other, mlp_inputs)
+    assert loaded.compiles == 0 and loaded.refits == 1

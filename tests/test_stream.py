@@ -82,3 +82,16 @@ def test_a_read_failure_midway_leaves_a_module_that_refuses_to_run(small_chunks,
     torchrefit.refit_module_weights(compiled, path, in_place=True)
     x = case.inputs()
     assert_matches(compiled(*x), run_eager(b, *x))
+
+
+def test_a_file_missing_a_weight_changes_nothing(small_chunks, tmp_path) -> None:
+    case = CASES["mlp"]
+    a, b = case.build(0), case.build(1)
+    compiled = torchrefit.compile(a, case.inputs(), backend="eager")
+    path = str(tmp_path / "partial.safetensors")
+    save_file({k: v for k, v in b.state_dict().items() if k != "fc2.bias"}, path)
+    x = case.inputs()
+    before = compiled(*x)
+    with pytest.raises(torchrefit.MissingWeightError, match="fc2.bias"):
+        torchrefit.refit_module_weights(compiled, path, in_place=True)
+    assert torch.equal(compiled(*x), before)

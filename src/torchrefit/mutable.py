@@ -82,8 +82,9 @@ class MutableModule(torch.nn.Module):
     # -- calls ------------------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        key = (_state_signature(self.model), _input_signature(args, kwargs))
-        compiled = self._compiled.get(key)
+        state = _state_signature(self.model)
+        key = (state, _input_signature(args, kwargs))
+        compiled = self._compiled.get(key, self._compiled.get((state, None)))
         if compiled is None:
             compiled = self._compile(key, args, kwargs, "first call with this structure")
         elif not self._sync(compiled):
@@ -113,6 +114,19 @@ class MutableModule(torch.nn.Module):
 
         self._sync(next(reversed(self._compiled.values())))
         save(next(reversed(self._compiled.values())), path)
+
+    @classmethod
+    def load(cls, path: str, model: torch.nn.Module, **overrides: Any) -> MutableModule:
+        """Wrap `model` around a module saved by `save`: no compile for its structure, and
+        the model's current weights are refitted in before the first call runs."""
+        from .serialize import load
+
+        compiled = load(path)
+        mutable = cls(model, settings=compiled.settings, **overrides)
+        mutable._compiled[(_state_signature(model), None)] = compiled
+        mutable._traced_merges[id(compiled)] = _merges(model)
+        mutable._seen[id(compiled)] = {}  # every weight counts as changed: refit on first call
+        return mutable
 
     # -- internals --------------------------------------------------------------------------
 

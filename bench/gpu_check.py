@@ -46,18 +46,7 @@ def error(actual, expected) -> float:
 
 
 def cuda_median_ms(fn, warmup: int = 5, iters: int = 30) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return refit_bench.event_ms(fn, "cuda", warmup, iters)
 
 
 def wall_median_ms(fn, iters: int = 10) -> float:

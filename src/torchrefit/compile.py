@@ -313,7 +313,14 @@ def _guard(node: fx.Node) -> InputGuard:
     if not isinstance(val, torch.Tensor):
         return InputGuard(None, None, None, val)
     shape = tuple(d if isinstance(d, int) else None for d in val.shape)
-    return InputGuard(val.dtype, val.device, shape)
+    return InputGuard(val.dtype, val.device, shape, contiguous=_is_contiguous(val))
+
+
+def _is_contiguous(val: torch.Tensor) -> bool:
+    try:
+        return bool(val.is_contiguous())
+    except Exception:  # noqa: BLE001 - symbolic strides that cannot be decided: assume so
+        return True
 
 
 __all__ = ["compile", "parse_dtype"]

@@ -79,17 +79,19 @@ class InputGuard:
     device: torch.device | None
     shape: tuple[int | None, ...] | None
     value: Any = None
+    contiguous: bool = True  # the example was: other layouts are made contiguous
 
     def to_json(self) -> list[Any]:
         if self.dtype is None:
             return ["value", self.value]
-        return [str(self.dtype).removeprefix("torch."), str(self.device), list(self.shape or ())]
+        return [str(self.dtype).removeprefix("torch."), str(self.device), list(self.shape or ()), self.contiguous]
 
     @classmethod
     def from_json(cls, data: list[Any]) -> InputGuard:
         if data[0] == "value":
             return cls(None, None, None, data[1])
-        return cls(getattr(torch, data[0]), torch.device(data[1]), tuple(data[2]))
+        contiguous = data[3] if len(data) > 3 else True
+        return cls(getattr(torch, data[0]), torch.device(data[1]), tuple(data[2]), contiguous=contiguous)
 
 
 @dataclass
@@ -219,7 +221,7 @@ def _guard(i: int, x: Any, guard: InputGuard | None, cast_to: torch.dtype | None
             f"Input {i} has shape {list(x.shape)}; the compiled module expects {expected} "
             "(* marks a dynamic dimension). Export with torch.export.Dim for other sizes."
         )
-    return x.contiguous()
+    return x.contiguous() if guard.contiguous else x
 
 
 def _owned(value: Any, store: WeightStore) -> Any:

@@ -113,7 +113,6 @@ class RefitState:
     guards: list[InputGuard]
     lowered_order: list[str] = field(default_factory=list)  # source FQNs by lowered position
     cast_inputs_to: torch.dtype | None = None
-    host_buffer: torch.Tensor | None = None  # reused by refits from files
     unset: set[str] = field(default_factory=set)  # constants a stripped file did not hold
     output_constants: dict[str, str] = field(default_factory=dict)  # graph attribute -> key
 

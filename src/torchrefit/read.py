@@ -6,7 +6,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,16 +30,13 @@ class NewWeights:
         return self.origin in ("exported_program", "module")
 
 
-HostBuffer = Callable[[int], torch.Tensor]  # nbytes -> a uint8 host tensor to read into
-
-
-def read_weights(new: Any, specs: dict[str, WeightSpec], host_buffer: HostBuffer | None = None) -> NewWeights:
+def read_weights(new: Any, specs: dict[str, WeightSpec]) -> NewWeights:
     if isinstance(new, ExportedProgram):
         return NewWeights(source_tensors(new), "exported_program", program=new)
     if isinstance(new, torch.nn.Module):
         return NewWeights(_module_tensors(new, specs), "module", module=new)
     if isinstance(new, (str, os.PathLike)):
-        return NewWeights(read_safetensors(os.fspath(new), host_buffer), "safetensors")
+        return NewWeights(read_safetensors(os.fspath(new)), "safetensors")
     if isinstance(new, Mapping):
         bad = [k for k, v in new.items() if not isinstance(v, torch.Tensor)]
         if bad:
@@ -130,14 +127,14 @@ def _unreadable(path: str, exc: BaseException) -> IncompatibleWeightsError:
     )
 
 
-def read_safetensors(path: str, host_buffer: HostBuffer | None = None) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file, read straight into one host buffer (pinned, when the
-    caller's buffer is, so the copies to the GPU run at full speed). The format is a JSON
-    header and raw bytes: nothing is executed or unpickled."""
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, read whole into one host buffer (refits stream files
+    instead: see stream.py). The format is a JSON header and raw bytes: nothing is executed
+    or unpickled."""
     index = index_safetensors(path)
     start = min((t.begin for t in index.values()), default=0)
     data_size = os.path.getsize(path) - start
-    buffer = (host_buffer or _plain_buffer)(data_size)[:data_size]
+    buffer = torch.empty(data_size, dtype=torch.uint8)
     try:
         with open(path, "rb") as f:
             f.seek(start)
@@ -154,9 +151,5 @@ def _view(t: FileTensor, buffer: torch.Tensor, start: int) -> torch.Tensor:
     if raw.numel() and (t.begin - start) % itemsize:
         raw = raw.clone()  # misaligned for its dtype: copy (rare; writers align)
     return raw.view(t.dtype).view(t.shape)
-
-
-def _plain_buffer(nbytes: int) -> torch.Tensor:
-    return torch.empty(nbytes, dtype=torch.uint8)
 
 

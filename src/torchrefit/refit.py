@@ -65,7 +65,7 @@ def refit_module_weights(
         streamed = refit_from_file(compiled_module, os.fspath(new_weight_module), name_map, in_place)
         if streamed is not None:
             return streamed
-    new = read_weights(new_weight_module, state.specs, lambda n: _host_buffer(state, n))
+    new = read_weights(new_weight_module, state.specs)
     if name_map is not None:
         new = rename(new, name_map)
     matched = match(new, state, use_weight_map_cache, arg_inputs, kwarg_inputs)
@@ -119,15 +119,6 @@ def rename(new: NewWeights, name_map: Mapping[str, str] | Callable[[str], str | 
         mapped[target] = tensor
         origin[target] = name
     return NewWeights(mapped, new.origin if new.origin != "module" else "state_dict", new.program)
-
-
-def _host_buffer(state: RefitState, nbytes: int) -> torch.Tensor:
-    """A host buffer for reading weight files, kept for the next refit; pinned for a GPU."""
-    buffer = state.host_buffer
-    if buffer is None or buffer.numel() < nbytes:
-        buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=state.store.device.type == "cuda")
-        state.host_buffer = buffer
-    return buffer
 
 
 # -- match ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ with a half-updated mix.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -86,12 +86,13 @@ def _read(f: Any, t: FileTensor, path: str) -> torch.Tensor:
 
 def _check_overflow(f: Any, path: str, located: dict[str, FileTensor], state: RefitState) -> None:
     """A reading pass over weights a narrowing cast could turn into inf; no write yet."""
+    scratch = torch.empty(_buffer_bytes(), dtype=torch.uint8)
     for fqn, t in located.items():
         target = state.engine_dtypes[fqn]
         if not (t.dtype.is_floating_point and narrows(t.dtype, target)):
             continue
         limit = torch.finfo(target).max
-        for chunk in _chunks_of(f, t, path):
+        for _, chunk in _chunks_of(f, t, path, lambda: scratch):
             peak = chunk.abs().max().item() if chunk.numel() else 0.0
             if not peak <= limit:
                 raise WeightValueError(
@@ -100,16 +101,24 @@ def _check_overflow(f: Any, path: str, located: dict[str, FileTensor], state: Re
                 )
 
 
-def _chunks_of(f: Any, t: FileTensor, path: str):
+def _buffer_bytes() -> int:
+    return max(CHUNK_BYTES, 8)  # room for at least one element of any dtype
+
+
+def _chunks_of(
+    f: Any, t: FileTensor, path: str, buffer: Callable[[], torch.Tensor]
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index of the first element, the elements) for each chunk of `t`, read into `buffer()`:
+    a chunk is valid until the next one is read."""
     item = torch.empty((), dtype=t.dtype).element_size()
     step = max(item, CHUNK_BYTES // item * item)
     for offset in range(t.begin, t.end, step):
         size = min(step, t.end - offset)
-        raw = torch.empty(size, dtype=torch.uint8)
+        raw = buffer()[:size]
         f.seek(offset)
         if f.readinto(memoryview(raw.numpy())) != size:
             raise _unreadable(path, ValueError("the file ends early"))
-        yield raw.view(t.dtype)
+        yield (offset - t.begin) // item, raw.view(t.dtype)
 
 
 class _Chunks:
@@ -118,7 +127,7 @@ class _Chunks:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         pinned = device.type == "cuda"
-        self.buffers = [torch.empty(CHUNK_BYTES, dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
+        self.buffers = [torch.empty(_buffer_bytes(), dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
         self.events: list[Any] = [None, None]
         self.turn = 0
 
@@ -130,17 +139,9 @@ class _Chunks:
             torch.cuda.current_stream(self.device).synchronize()
 
     def copy(self, f: Any, t: FileTensor, dst: torch.Tensor, path: str) -> None:
-        item = torch.empty((), dtype=t.dtype).element_size()
         flat = dst.view(-1)
-        step = CHUNK_BYTES // item * item
-        for offset in range(t.begin, t.end, step):
-            size = min(step, t.end - offset)
-            buffer = self._next()[:size]
-            f.seek(offset)
-            if f.readinto(memoryview(buffer.numpy())) != size:
-                raise _unreadable(path, ValueError("the file ends early"))
-            first = (offset - t.begin) // item
-            flat[first : first + size // item].copy_(buffer.view(t.dtype), non_blocking=self.device.type == "cuda")
+        for first, chunk in _chunks_of(f, t, path, self._next):
+            flat[first : first + chunk.numel()].copy_(chunk, non_blocking=self.device.type == "cuda")
             self._record()
 
     def _next(self) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torchrefit
 sys.path.insert(0, os.path.dirname(__file__))
 import refit_bench  # noqa: E402
 
-from torchrefit.verify import relative_error
+from torchrefit.refit.verify import relative_error
 
 DEVICE = "cuda"
 DTYPE = torch.float16

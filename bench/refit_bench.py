@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 import torchrefit
-from torchrefit.verify import relative_error
+from torchrefit.refit.verify import relative_error
 
 # -- models -------------------------------------------------------------------------------
 

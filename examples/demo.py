@@ -12,7 +12,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 import torchrefit
-from torchrefit.verify import relative_error
+from torchrefit.refit.verify import relative_error
 
 
 def bert(seed: int) -> torch.nn.Module:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from torchrefit.verify import relative_error, tolerance
+from torchrefit.refit.verify import relative_error, tolerance
 
 
 def run_eager(model: torch.nn.Module, *args: Any) -> Any:

@@ -54,7 +54,7 @@ def test_cuda_graph_replay_sees_refits_and_refitter_graphs() -> None:
     compiled = torchrefit.compile(a, x, cuda_graphs=True)
     assert_matches(compiled(*x), run_eager(a, *x))  # captures
     refitter = torchrefit.Refitter(compiled, b)
-    assert refitter._compute_graph is not None
+    assert refitter._graphs is not None
     refitter()
     y = tuple(t.cuda().half() for t in case.inputs())
     assert_matches(compiled(*y), run_eager(b, *y))  # the captured graph reads the new weights
@@ -111,9 +111,9 @@ def test_cuda_mutable_module_with_lora() -> None:
 def test_cuda_streamed_safetensors_refit(tmp_path, monkeypatch) -> None:
     from safetensors.torch import save_file
 
-    import torchrefit.stream as stream
+    import torchrefit.refit.files as files
 
-    monkeypatch.setattr(stream, "CHUNK_BYTES", 4096)  # many chunks through the two pinned buffers
+    monkeypatch.setattr(files, "CHUNK_BYTES", 4096)  # many chunks through the two pinned buffers
     case = CASES["bert"]
     a, b = case.build(0).cuda().half(), case.build(1).half()
     compiled = torchrefit.compile(a, (case.inputs()[0].cuda(),))

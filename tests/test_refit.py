@@ -156,10 +156,10 @@ def test_fast_path_runs_no_lowering_or_export(monkeypatch: pytest.MonkeyPatch) -
     def forbidden(*args, **kwargs):
         raise AssertionError("the fast path lowered, partitioned or exported")
 
-    import torchrefit.refit as refit
+    import torchrefit.refit.match as match
 
-    monkeypatch.setattr(refit, "lower", forbidden)
-    monkeypatch.setattr(refit, "export_model", forbidden)
+    monkeypatch.setattr(match, "lower", forbidden)
+    monkeypatch.setattr(match, "export_model", forbidden)
     monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions", forbidden)
     monkeypatch.setattr(torchrefit.partition, "partition", forbidden)
     refitted = torchrefit.refit_module_weights(compiled, ep)
@@ -196,7 +196,7 @@ def test_verify_output_compares_every_output() -> None:
     compiled = torchrefit.compile(a, x, **EAGER)
     refitted = torchrefit.refit_module_weights(compiled, b, arg_inputs=x, verify_output=True)
     assert_matches(refitted(*x), run_eager(b, *x))
-    from torchrefit.verify import compare_outputs
+    from torchrefit.refit.verify import compare_outputs
 
     good = run_eager(b, *x)
     stale = (good[0], good[1] + 1.0)
@@ -209,9 +209,9 @@ def test_verification_failure_raises_and_rolls_back(monkeypatch: pytest.MonkeyPa
     compiled = torchrefit.compile(a, case.inputs(), **EAGER)
     x = case.inputs()
     before = compiled(*x)
-    import torchrefit.refit as refit
+    import torchrefit.refit.verify as verify
 
-    monkeypatch.setattr(refit, "_reference", lambda *args: run_eager(a, *x) * 2)
+    monkeypatch.setattr(verify, "_reference", lambda *args: run_eager(a, *x) * 2)
     with pytest.raises(torchrefit.RefitVerificationError, match="relative error"):
         torchrefit.refit_module_weights(compiled, b, arg_inputs=x, verify_output=True, in_place=True)
     assert torch.equal(compiled(*x), before)
@@ -314,17 +314,17 @@ def test_safetensors_file_refit_and_damaged_files(tmp_path) -> None:
 def test_misaligned_safetensors_tensors_are_read_right(tmp_path) -> None:
     from safetensors.torch import save_file
 
-    from torchrefit.read import read_safetensors
+    from torchrefit.refit.files import index_safetensors, read_tensor
 
     values = {"a": torch.ones(3, dtype=torch.int8), "b": torch.randn(5, 7), "c": torch.randn(2, dtype=torch.float16)}
     save_file(values, str(tmp_path / "m.safetensors"))
-    read = read_safetensors(str(tmp_path / "m.safetensors"))
+    read = {k: read_tensor(t) for k, t in index_safetensors(str(tmp_path / "m.safetensors")).items()}
     for k, v in values.items():
         assert torch.equal(read[k], v), k
 
 
 def test_upload_runs_join_adjacent_slots_and_cover_every_one() -> None:
-    from torchrefit.weights import CHUNK_BYTES, upload_runs
+    from torchrefit.refit.commit import CHUNK_BYTES, upload_runs
 
     item = 2
     step = 128  # 256-byte alignment in float16 elements

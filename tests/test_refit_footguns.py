@@ -534,12 +534,12 @@ def test_verification_that_cannot_run_changes_nothing(failure: str, monkeypatch)
         with pytest.raises(torchrefit.TorchRefitError, match="arg_inputs"):
             torchrefit.refit_module_weights(compiled, b, verify_output=True, in_place=True)
     else:
-        import torchrefit.refit as refit
+        import torchrefit.refit.verify as verify
 
         def broken(*args):
             raise RuntimeError("the reference model failed")
 
-        monkeypatch.setattr(refit, "_reference", broken)
+        monkeypatch.setattr(verify, "_reference", broken)
         with pytest.raises(RuntimeError, match="reference"):
             torchrefit.refit_module_weights(compiled, b, arg_inputs=(x,), verify_output=True, in_place=True)
     assert torch.equal(compiled(x), before)

@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 import torchrefit
-import torchrefit.read
-import torchrefit.stream as stream
+import torchrefit.refit.commit as commit
+import torchrefit.refit.evaluate as evaluate
+import torchrefit.refit.files as files
 
 from cases import CASES
 from helpers import assert_differs, assert_matches, run_eager
@@ -18,12 +19,14 @@ from helpers import assert_differs, assert_matches, run_eager
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(stream, "CHUNK_BYTES", 1000)  # many chunks, none aligned to a weight
+    monkeypatch.setattr(files, "CHUNK_BYTES", 1000)  # many chunks, none aligned to a weight
+    read_tensor = files.read_tensor
 
-    def whole_file(*args, **kwargs):
-        raise AssertionError("the whole file was read into memory")
+    def one_tensor(t):
+        assert t.end - t.begin <= 4096, "a large weight was read whole into memory"
+        return read_tensor(t)
 
-    monkeypatch.setattr(torchrefit.read, "read_safetensors", whole_file)
+    monkeypatch.setattr(evaluate, "read_tensor", one_tensor)
 
 
 def _file(tmp_path, model, name="w.safetensors"):
@@ -64,7 +67,7 @@ def test_a_read_failure_midway_leaves_a_module_that_refuses_to_run(small_chunks,
     a, b = case.build(0), case.build(1)
     compiled = torchrefit.compile(a, case.inputs(), backend="eager")
     path = _file(tmp_path, b)
-    real_copy = stream._Chunks.copy
+    real_copy = commit._Chunks.copy
     calls = []
 
     def failing(self, *args):
@@ -73,12 +76,12 @@ def test_a_read_failure_midway_leaves_a_module_that_refuses_to_run(small_chunks,
             raise OSError("the disk went away")
         return real_copy(self, *args)
 
-    monkeypatch.setattr(stream._Chunks, "copy", failing)
+    monkeypatch.setattr(commit._Chunks, "copy", failing)
     with pytest.raises(OSError):
         torchrefit.refit_module_weights(compiled, path, in_place=True)
     with pytest.raises(torchrefit.WeightsNotLoadedError):
         compiled(*case.inputs())
-    monkeypatch.setattr(stream._Chunks, "copy", real_copy)
+    monkeypatch.setattr(commit._Chunks, "copy", real_copy)
     torchrefit.refit_module_weights(compiled, path, in_place=True)
     x = case.inputs()
     assert_matches(compiled(*x), run_eager(b, *x))

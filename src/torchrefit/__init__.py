@@ -1,5 +1,6 @@
 """torchrefit: compile PyTorch models into engines whose weights can be replaced in place."""
 
+from .api import load, save
 from .compile import compile
 from .errors import (
     ExportError,
@@ -23,7 +24,6 @@ from .module import CompiledModule, Engine, Fallback
 from .mutable import MutableModule
 from .refit import refit_module_weights
 from .refitter import Refitter
-from .serialize import load, save
 from .settings import Settings
 
 __version__ = "0.1.0"

@@ -13,11 +13,14 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from .module import CompiledModule
+from .refit import refit_module_weights
+from .serialize import load, save
+from .settings import Settings
 
 logger = logging.getLogger("torchrefit")
 
@@ -32,23 +35,32 @@ def cache_key(fingerprint: str, device: torch.device) -> str:
 
 
 class EngineCache:
-    def __init__(self, directory: str, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    """The cache entry of one structure on one device."""
+
+    def __init__(self, directory: str, key: str, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.directory = directory
+        self.key = key
         self.max_bytes = max_bytes
         os.makedirs(directory, exist_ok=True)
 
-    def path(self, key: str) -> str:
-        return os.path.join(self.directory, f"{key}.trf")
+    @classmethod
+    def open(cls, settings: Settings, fingerprint: str, device: torch.device) -> EngineCache | None:
+        """The entry for this structure, or None when `settings` name no cache."""
+        if settings.cache_dir is None:
+            return None
+        return cls(settings.cache_dir, cache_key(fingerprint, device), settings.cache_max_bytes)
 
-    def load(self, key: str, weights: object) -> CompiledModule | None:
+    @property
+    def path(self) -> str:
+        return os.path.join(self.directory, f"{self.key}.trf")
+
+    def load(self, weights: Any) -> CompiledModule | None:
         """The cached module refitted with `weights`, or None on a miss or a bad entry."""
-        from .serialize import load
-
-        path = self.path(key)
+        path = self.path
         if not os.path.exists(path):
             return None
         try:
-            module = load(path, weights=weights)
+            module = refit_module_weights(load(path), weights, in_place=True)
         except Exception as exc:  # noqa: BLE001 - any broken entry is rebuilt, never fatal
             logger.warning("engine cache entry %s is unusable (%s); compiling again", path, exc)
             _remove(path)
@@ -58,12 +70,12 @@ class EngineCache:
         self._evict()
         return module
 
-    def store(self, key: str, module: CompiledModule, save: Callable[..., None]) -> None:
+    def store(self, module: CompiledModule) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
         os.close(fd)
         try:
             save(module, tmp, include_weights=False)
-            os.replace(tmp, self.path(key))  # atomic: readers see the old entry or the new one
+            os.replace(tmp, self.path)  # atomic: readers see the old entry or the new one
         finally:
             _remove(tmp)
         self._evict()

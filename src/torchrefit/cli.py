@@ -14,7 +14,12 @@ from typing import Any
 
 import torch
 
+from .api import load, save
+from .compile import compile as compile_model
 from .errors import TorchRefitError
+from .refit import refit_module_weights
+from .refit.files import index_safetensors, read_tensor
+from .serialize import open_file
 from .settings import Settings
 
 
@@ -88,8 +93,6 @@ def _inspect(args: argparse.Namespace) -> None:
 
 def inspect_file(path: str) -> dict[str, Any]:
     """What a file holds, from its JSON metadata alone: no engine is loaded, nothing runs."""
-    from .serialize import open_file
-
     archive, metadata = open_file(path)
     with archive:
         sizes = {i.filename: i.file_size for i in archive.infolist()}
@@ -122,9 +125,6 @@ def inspect_file(path: str) -> dict[str, Any]:
 
 
 def _refit(args: argparse.Namespace) -> None:
-    from .refit import refit_module_weights
-    from .serialize import load, save
-
     started = time.perf_counter()
     _progress("loading engines", 0.0)
     module = load(args.file)
@@ -140,14 +140,11 @@ def _refit(args: argparse.Namespace) -> None:
 
 
 def _check_against_file(module: Any, path: str, name_map: Any) -> None:
-    from .read import read_safetensors
-
-    weights = read_safetensors(path)
     state = module._torchrefit
-    for name, tensor in weights.items():
+    for name, entry in index_safetensors(path).items():
         key = name_map(name) if name_map else name
         key = state.aliases.get(key, key)
-        if key in state.store.tensors and not torch.equal(state.store[key].cpu(), tensor.to(state.store[key].dtype)):
+        if key in state.store.tensors and not torch.equal(state.store[key].cpu(), read_tensor(entry).to(state.store[key].dtype)):
             raise TorchRefitError(f"After the refit, constant {key!r} differs from {path!r}.")
 
 
@@ -161,9 +158,6 @@ def _progress(stage: str, fraction: float) -> None:
 
 
 def _compile(args: argparse.Namespace) -> None:
-    from .compile import compile as compile_model
-    from .serialize import save
-
     model = _factory(args.model)()
     if not isinstance(model, torch.nn.Module):
         raise TorchRefitError(f"{args.model} returned a {type(model).__name__}; expected an nn.Module.")

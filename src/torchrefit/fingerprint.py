@@ -8,8 +8,10 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.export import ExportedProgram
 
 from .errors import IncompatibleWeightsError
+from .export import weight_specs
 
 
 def describe(graph: fx.Graph, placeholder_labels: dict[str, str]) -> list[str]:
@@ -33,6 +35,32 @@ def fingerprint(lines: list[str], settings_key: dict[str, Any]) -> str:
         digest.update(line.encode())
         digest.update(b"\n")
     return digest.hexdigest()
+
+
+def source_labels(ep: ExportedProgram, with_names: bool) -> dict[str, str]:
+    """Placeholder labels of an exported program: weight kind, and its FQN when names count."""
+    return {
+        name: f"{spec.kind}:{spec.fqn}" if with_names else spec.kind
+        for name, spec in weight_specs(ep).items()
+    }
+
+
+def source_structure(ep: ExportedProgram, with_names: bool) -> list[str]:
+    """The node descriptors of an exported program (weight FQNs included when asked)."""
+    return describe(ep.graph, source_labels(ep, with_names))
+
+
+def source_fingerprint(ep: ExportedProgram, settings_key: dict[str, Any]) -> str:
+    """What the fast path compares: structure, weight names and engine settings."""
+    return fingerprint(source_structure(ep, with_names=True), settings_key)
+
+
+def strip_name(line: str) -> str:
+    """A descriptor line without the weight FQN its placeholder carries."""
+    if not line.startswith("input "):
+        return line
+    head, _, rest = line.partition(" -> ")
+    return f"{head.split(':')[0]} -> {rest}"
 
 
 def first_difference(

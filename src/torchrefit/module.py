@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,6 +116,7 @@ class RefitState:
     cast_inputs_to: torch.dtype | None = None
     unset: set[str] = field(default_factory=set)  # constants a stripped file did not hold
     output_constants: dict[str, str] = field(default_factory=dict)  # graph attribute -> key
+    inf_allowed: set[str] = field(default_factory=set)  # constants that held inf when compiled
 
 
 class CompiledModule(fx.GraphModule):
@@ -166,6 +168,32 @@ class CompiledModule(fx.GraphModule):
     def weight_map(self) -> dict[str, Lineage]:
         """Every constant the engines and fallbacks hold, and how it is computed."""
         return dict(self._torchrefit.lineage)
+
+
+def clone_module(module: CompiledModule, store: WeightStore) -> CompiledModule:
+    """A new module sharing the engines' compiled code, bound to `store`."""
+    root = torch.nn.Module()
+    for attr in module._torchrefit.output_constants:
+        root.register_buffer(attr, torch.empty(0), persistent=False)
+    for name, child in module.named_children():
+        if isinstance(child, Engine):
+            copy = Engine(child.backend, child.runner, child.constant_keys, child.single_output, child.artifact)
+        else:
+            assert isinstance(child, Fallback)
+            copy = make_fallback(_copy_graph(child.graph), child.constant_keys)
+        root.add_module(name, copy)
+    compiled = CompiledModule(root, _copy_graph(module.graph))
+    # its own refit state: what one module's refits mark (unset weights) never shows in another
+    compiled._torchrefit = dataclasses.replace(module._torchrefit, store=store, unset=set(module._torchrefit.unset))
+    compiled.bind(store)
+    return compiled
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    new = fx.Graph()
+    output = new.graph_copy(graph, {})
+    new.output(output)
+    return new
 
 
 def _all_cuda(flat: list[Any]) -> bool:

@@ -19,10 +19,15 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import InputError, TorchRefitError
+from .api import load
+from .compile import compile as compile_model
+from .errors import IncompatibleWeightsError, InputError, TorchRefitError
 from .module import CompiledModule
-from .read import NewWeights, _module_tensors
-from .refit import _fast, evaluate, validate
+from .refit.commit import commit
+from .refit.evaluate import evaluate, validate
+from .refit.match import Matched, fast
+from .refit.read import NewWeights, module_tensors
+from .serialize import save
 from .settings import Settings
 
 logger = logging.getLogger("torchrefit")
@@ -110,8 +115,6 @@ class MutableModule(torch.nn.Module):
         """The most recently compiled variant, in torchrefit's file format."""
         if not self._compiled:
             raise TorchRefitError("Nothing is compiled yet: call the module once before save().")
-        from .serialize import save
-
         self._sync(next(reversed(self._compiled.values())))
         save(next(reversed(self._compiled.values())), path)
 
@@ -119,8 +122,6 @@ class MutableModule(torch.nn.Module):
     def load(cls, path: str, model: torch.nn.Module, **overrides: Any) -> MutableModule:
         """Wrap `model` around a module saved by `save`: no compile for its structure, and
         the model's current weights are refitted in before the first call runs."""
-        from .serialize import load
-
         compiled = load(path)
         mutable = cls(model, settings=compiled.settings, **overrides)
         mutable._compiled[(_state_signature(model), None)] = compiled
@@ -131,8 +132,6 @@ class MutableModule(torch.nn.Module):
     # -- internals --------------------------------------------------------------------------
 
     def _compile(self, key: tuple, args: tuple, kwargs: dict, reason: str) -> CompiledModule:
-        from .compile import compile as compile_model
-
         logger.info("MutableModule: compiling (%s)", reason)
         compiled = compile_model(self.model, args, kwargs or None, settings=self._settings)
         self._compiled[key] = compiled
@@ -142,7 +141,7 @@ class MutableModule(torch.nn.Module):
         return compiled
 
     def _weights(self, compiled: CompiledModule) -> dict[str, torch.Tensor]:
-        weights = _module_tensors(self.model, compiled._torchrefit.specs)
+        weights = module_tensors(self.model, compiled._torchrefit.specs)
         weights.update(_lora_views(self.model, self._traced_merges.get(id(compiled), {})))
         return weights
 
@@ -150,22 +149,20 @@ class MutableModule(torch.nn.Module):
         """Refit what changed; False when only a recompile can follow the change."""
         state = compiled._torchrefit
         current = self._weights(compiled)
-        for fqn, spec in state.specs.items():
-            tensor = current.get(fqn, current.get(state.aliases.get(fqn, fqn)))
-            if tensor is None:
-                if spec.persistent:
-                    return False
-                continue
-            if tuple(tensor.shape) != spec.shape or str(tensor.dtype).removeprefix("torch.") != spec.dtype:
-                return False
+        named = {k: t for k, t in current.items() if k in state.specs or k in state.aliases}
+        try:  # the match stage checks the set, shapes and dtypes of the weights
+            matched = fast(NewWeights(named, "module"), state)
+        except IncompatibleWeightsError:
+            return False
         changed = self._changed(compiled, current)
         if not changed:
             return True
         try:
-            self._refit(compiled, current, changed)
+            self._refit(compiled, matched, changed)
         except TorchRefitError as exc:
             warnings.warn(f"torchrefit: refit failed ({exc}); recompiling", stacklevel=3)
             return False
+        self._record(compiled, current)
         return True
 
     def _changed(self, compiled: CompiledModule, current: dict[str, torch.Tensor]) -> set[str]:
@@ -195,16 +192,14 @@ class MutableModule(torch.nn.Module):
         flags = torch.stack([torch.ne(t, r).any() for _, t, r in pairs]).tolist()
         return {fqn for (fqn, _, _), differs in zip(pairs, flags, strict=True) if differs}
 
-    def _refit(self, compiled: CompiledModule, current: dict[str, torch.Tensor], changed: set[str]) -> None:
+    def _refit(self, compiled: CompiledModule, matched: Matched, changed: set[str]) -> None:
         state = compiled._torchrefit
-        matched = _fast(NewWeights(current, "module"), state)
-        values = evaluate(matched, state)
-        touched = {k: v for k, v in values.items() if changed & set(state.lineage[k].sources)}
-        validate(touched, state)
-        state.store.commit(touched)
+        touched = {k for k, lineage in state.lineage.items() if changed & set(lineage.sources)}
+        values = evaluate(matched, state, keys=touched)
+        validate(values, state)
+        commit(compiled, values, in_place=True)
         self.__dict__["refits"] += 1
         logger.debug("MutableModule: refitted %d constants (%d weights changed)", len(touched), len(changed))
-        self._record(compiled, current)
 
     def _record(self, compiled: CompiledModule, current: dict[str, torch.Tensor]) -> None:
         """Remember each weight's identity, and a copy of those the store cannot stand for."""

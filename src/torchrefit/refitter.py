@@ -1,5 +1,6 @@
-"""A refit bound to fixed source tensors: validated once, then each call copies their
-current values into the engines, replayed as a CUDA graph where it can be.
+"""A refit bound to fixed source tensors: read and matched once, then each call evaluates,
+validates and commits their current values through the refit core, replayed as two CUDA
+graphs where it can be (the evaluate stage with its finiteness flag; the commit's copy plan).
 
 For loops that update weights in place (an optimizer's step, an RL learner, a pinned host
 buffer refilled from a checkpoint) and push them into inference every few steps.
@@ -14,11 +15,13 @@ from typing import Any
 
 import torch
 
-from .copy_kernel import GatherCopy, gather_copy_works
-from .errors import TorchRefitError, WeightValueError
+from .errors import TorchRefitError, WeightDtypeError, WeightShapeError
 from .module import CompiledModule
-from .read import read_weights
-from .refit import Matched, _fast, _refittable, evaluate, narrows, validate
+from .refit import refittable
+from .refit.commit import commit, copy_plan
+from .refit.evaluate import Values, evaluate, finite_flag, raise_nonfinite, validate
+from .refit.match import Matched, fast
+from .refit.read import read
 
 logger = logging.getLogger("torchrefit")
 
@@ -32,35 +35,43 @@ class Refitter:
     """
 
     def __init__(self, compiled: CompiledModule, weights: Any, *, cuda_graph: bool = True) -> None:
-        self.state = _refittable(compiled)
+        self.module = compiled
+        self.state = refittable(compiled)
         if isinstance(weights, (str, os.PathLike)):
             raise TorchRefitError(
                 "A Refitter binds tensors that change in place; a file is read once. Refit from "
                 "a file with torchrefit.refit_module_weights(module, path, in_place=True)."
             )
-        self.matched: Matched = _fast(read_weights(weights, self.state.specs), self.state)
-        self.keys = [k for k in self.state.store.keys() if k in self.matched.tensors or self.state.lineage[k].kind == "program"]
-        self._compute_graph: torch.cuda.CUDAGraph | None = None
-        self._host_sources = any(not t.is_cuda for t in self.matched.tensors.values())
+        self.matched: Matched = fast(read(weights, self.state.specs), self.state)
+        self._bound = {k: (tuple(t.shape), t.dtype) for k, t in self.matched.tensors.items()}
+        self._graphs: _Graphs | None = None
         if cuda_graph and self._capturable():
-            self._capture()
+            self._graphs = _Graphs(self.matched, self.state)
 
     def __call__(self) -> None:
-        if self._compute_graph is None:
+        self._check_bound()
+        if self._graphs is None:
             values = evaluate(self.matched, self.state)
             validate(values, self.state)
-            self.state.store.commit(values)
-            self.state.unset -= set(values)
+            commit(self.module, values, in_place=True)
             return
-        self._compute_graph.replay()
-        if not bool(self._ok):  # the one host sync: nothing has been written yet
-            values = evaluate(self.matched, self.state)
-            validate(values, self.state)  # raises, naming the weight
-            raise WeightValueError("A derived engine constant is not finite; nothing was written.")
-        self._copy_graph.replay()
-        if self._host_sources:  # the caller may overwrite its host buffers once we return
-            torch.cuda.current_stream(self.state.store.device).synchronize()
-        self.state.unset -= set(self.keys)
+        self._graphs.run()
+
+    def _check_bound(self) -> None:
+        """A bound tensor changed dtype or shape in place (`.data = ...`): refuse, as a
+        refit from it would."""
+        for fqn, tensor in self.matched.tensors.items():
+            shape, dtype = self._bound[fqn]
+            if tensor.dtype != dtype:
+                raise WeightDtypeError(
+                    f"Bound weight {fqn!r} is now {tensor.dtype}; it was {dtype} when the "
+                    "Refitter was made. Make a new Refitter."
+                )
+            if tuple(tensor.shape) != shape:
+                raise WeightShapeError(
+                    f"Bound weight {fqn!r} now has shape {list(tensor.shape)}; it had "
+                    f"{list(shape)} when the Refitter was made. Make a new Refitter."
+                )
 
     def _capturable(self) -> bool:
         device = self.state.store.device
@@ -70,72 +81,41 @@ class Refitter:
             t.device == device or (t.is_pinned() and t.is_contiguous()) for t in self.matched.tensors.values()
         )
 
-    def _compute(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """New values and one device flag saying they are all finite; no host sync."""
-        device = self.state.store.device
-        program = self.matched.weight_program
-        cast = {
-            f: t if _stays(t, self.state.engine_dtypes[f], f in program.inputs) else t.to(device=device, dtype=self.state.engine_dtypes[f], non_blocking=True)
-            for f, t in self.matched.tensors.items()
-        }
-        derived = program({f: cast.get(f, self.state.store.tensors.get(f)) for f in program.inputs})
-        values = {k: derived[k] if k in derived else cast[k] for k in self.keys}
-        checked = [
-            v for k, v in values.items()
-            if v.is_floating_point() and v.numel() and (k in derived or narrows(self.matched.tensors[k].dtype, v.dtype))
-        ]  # identity weights need no check: they are the caller's values as they are
-        if not checked:
-            return values, torch.ones((), dtype=torch.bool, device=device)
-        return values, torch.isfinite(torch.stack(torch._foreach_norm(checked, float("inf")))).all()
 
-    def _capture(self) -> None:
+class _Graphs:
+    """The core's evaluate stage and its finiteness flag, and the commit's copy plan, each
+    captured once as a CUDA graph over the bound tensors."""
+
+    def __init__(self, matched: Matched, state: Any) -> None:
+        self.matched, self.state = matched, state
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():
-            self._compute()
+            self._compute()  # warm up outside the graph
         torch.cuda.current_stream().wait_stream(side)
-        self._compute_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._compute_graph), torch.no_grad():
-            values, self._ok = self._compute()
-        self._values = values  # the graph writes here: keep the memory ours
-        copies = self.copy_plan = self._copies(values)
-        self._copy_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._copy_graph), torch.no_grad():
-            for copy in copies:
-                copy()
-        logger.info("refit of %d constants captured as CUDA graphs", len(values))
+        self.compute = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.compute), torch.no_grad():
+            self.values, self.ok = self._compute()  # the graph writes here: keep the memory ours
+        copy = copy_plan(state.store, self.values.tensors)
+        self.copy = _captured(copy)
+        logger.info("refit of %d constants captured as CUDA graphs", len(self.values.tensors))
 
-    def _copies(self, values: dict[str, torch.Tensor]) -> list[Callable[[], None]]:
-        """One gather-copy launch per arena where the kernel works, else batched copies."""
-        store = self.state.store
-        groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for key, value in values.items():
-            dst = store[key]
-            dsts, srcs = groups.setdefault((dst.device, dst.dtype), ([], []))
-            dsts.append(dst)
-            srcs.append(value)
-        copies: list[Callable[[], None]] = []
-        for (device, dtype), (dsts, srcs) in groups.items():
-            if gather_copy_works(device, dtype):
-                copies.append(GatherCopy(store.arenas[(device, dtype)], dsts, srcs))
-            else:
-                copies.append(_batched_copy(dsts, srcs))
-        return copies
+    def _compute(self) -> tuple[Values, torch.Tensor]:
+        values = evaluate(self.matched, self.state)
+        return values, finite_flag(values, self.state)
+
+    def run(self) -> None:
+        self.compute.replay()
+        if not bool(self.ok):  # the one host sync: nothing has been written yet
+            raise_nonfinite(self.values, self.state)
+        self.copy.replay()
+        if any(not t.is_cuda for t in self.matched.tensors.values()):
+            torch.cuda.current_stream().synchronize()  # the caller may overwrite its host buffers
+        self.state.unset -= set(self.values.tensors)
 
 
-def _stays(tensor: torch.Tensor, dtype: torch.dtype, program_input: bool) -> bool:
-    """An identity weight is copied from where it is (device, or pinned host over UVA)."""
-    return tensor.dtype == dtype and not (program_input and not tensor.is_cuda)
-
-
-def _batched_copy(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> Callable[[], None]:
-    local = [(d, s) for d, s in zip(dsts, srcs, strict=True) if s.device == d.device]
-    remote = [(d, s) for d, s in zip(dsts, srcs, strict=True) if s.device != d.device]
-
-    def copy() -> None:
-        if local:
-            torch._foreach_copy_([d for d, _ in local], [s for _, s in local])
-        for d, s in remote:
-            d.copy_(s, non_blocking=True)
-
-    return copy
+def _captured(run: Callable[[], None]) -> torch.cuda.CUDAGraph:
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph

@@ -7,7 +7,6 @@ metadata, and a mismatch refuses to load.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib
 import json
@@ -20,7 +19,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .engine.base import get_backend
+from .engine import get_backend
 from .errors import SerializationError
 from .export import WeightSpec, dtype_name, parse_dtype
 from .graph_io import graph_from_json, graph_to_json
@@ -73,9 +72,9 @@ def stripped_keys(state: RefitState) -> set[str]:
     return {k for k, lineage in state.lineage.items() if persistent & set(lineage.sources)}
 
 
-def load(path: str, weights: Any = None) -> CompiledModule:
-    """Read a file written by `save`. A file saved without weights needs `weights` (anything
-    `refit_module_weights` takes); without them the module refuses to run."""
+def load(path: str) -> CompiledModule:
+    """Read a file written by `save`. A module saved without weights refuses to run until a
+    refit supplies them (`torchrefit.load(path, weights=...)` does both)."""
     archive, metadata = open_file(path)
     with archive:
         try:
@@ -95,10 +94,6 @@ def load(path: str, weights: Any = None) -> CompiledModule:
     compiled = CompiledModule(root, graph)
     compiled._torchrefit = state
     compiled.bind(state.store)
-    if weights is not None:
-        from .refit import refit_module_weights
-
-        refit_module_weights(compiled, weights, in_place=True)
     return compiled
 
 
@@ -131,31 +126,6 @@ def _checked_tensor(key: str, spec: dict[str, Any], tensors: dict[str, torch.Ten
             "corrupted; save the module again."
         )
     return tensor
-
-
-def clone_module(module: CompiledModule, store: WeightStore) -> CompiledModule:
-    """A new module sharing the engines' compiled code, bound to `store`."""
-    root = torch.nn.Module()
-    for attr in module._torchrefit.output_constants:
-        root.register_buffer(attr, torch.empty(0), persistent=False)
-    for name, child in module.named_children():
-        if isinstance(child, Engine):
-            copy = Engine(child.backend, child.runner, child.constant_keys, child.single_output, child.artifact)
-        else:
-            assert isinstance(child, Fallback)
-            copy = make_fallback(_copy_graph(child.graph), child.constant_keys)
-        root.add_module(name, copy)
-    compiled = CompiledModule(root, _copy_graph(module.graph))
-    compiled._torchrefit = dataclasses.replace(module._torchrefit, store=store)
-    compiled.bind(store)
-    return compiled
-
-
-def _copy_graph(graph: fx.Graph) -> fx.Graph:
-    new = fx.Graph()
-    output = new.graph_copy(graph, {})
-    new.output(output)
-    return new
 
 
 def _children_to_json(module: CompiledModule) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
@@ -247,6 +217,7 @@ def _state_to_json(state: RefitState) -> dict[str, Any]:
         "lowered_order": state.lowered_order,
         "cast_inputs_to": None if state.cast_inputs_to is None else dtype_name(state.cast_inputs_to),
         "output_constants": state.output_constants,
+        "inf_allowed": sorted(state.inf_allowed),
     }
 
 
@@ -274,6 +245,7 @@ def _state_from_json(data: dict[str, Any], tensors: dict[str, torch.Tensor], str
         cast_inputs_to=None if cast is None else parse_dtype(cast),
         unset=set(stripped),
         output_constants=dict(data.get("output_constants", {})),
+        inf_allowed=set(data.get("inf_allowed", [])),
     )
 
 

@@ -41,24 +41,6 @@ class WeightProgram:
 
 
 ALIGN_BYTES = 256  # what cudaMalloc gives: vectorized kernels read aligned views at full speed
-CHUNK_BYTES = 16 << 20  # staged uploads start every 16 MB, overlapping the host copies
-
-
-def _align(end: int, item: int) -> int:
-    step = max(1, ALIGN_BYTES // item)
-    return -(-end // step) * step
-
-
-def upload_runs(slots: list[tuple[int, int]], item: int) -> list[tuple[int, int]]:
-    """(start, end) element ranges covering sorted (start, numel) slots: adjacent slots
-    (up to alignment padding) join, and a run closes once it holds CHUNK_BYTES."""
-    runs: list[tuple[int, int]] = []
-    for start, numel in slots:
-        if runs and start == _align(runs[-1][1], item) and (runs[-1][1] - runs[-1][0]) * item < CHUNK_BYTES:
-            runs[-1] = (runs[-1][0], start + numel)
-        else:
-            runs.append((start, start + numel))
-    return runs
 
 
 class WeightStore:
@@ -69,7 +51,7 @@ class WeightStore:
     into them: addresses never change (invariant 4).
     """
 
-    def __init__(self, values: dict[str, torch.Tensor]) -> None:
+    def __init__(self, values: dict[str, torch.Tensor], *, copy_values: bool = True) -> None:
         self.arenas: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self.mirrors: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # pinned, lazily
         self.tensors: dict[str, torch.Tensor] = {}
@@ -88,9 +70,14 @@ class WeightStore:
             for key, start in entries:
                 value = values[key]
                 view = arena[start : start + value.numel()].view(value.shape)
-                with torch.no_grad():
-                    view.copy_(value)
+                if copy_values:
+                    with torch.no_grad():
+                        view.copy_(value)
                 self.tensors[key] = view
+
+    def empty_like(self) -> WeightStore:
+        """A store of the same layout whose memory is not yet written (a copy's target)."""
+        return WeightStore(self.tensors, copy_values=False)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.tensors[key]
@@ -103,63 +90,30 @@ class WeightStore:
     def keys(self) -> list[str]:
         return list(self.tensors)
 
-    def clone(self) -> WeightStore:
-        return WeightStore(self.tensors)
-
     @property
     def device(self) -> torch.device:
         return next(iter(self.arenas))[0] if self.arenas else torch.device("cpu")
 
-    def commit(self, values: dict[str, torch.Tensor]) -> None:
-        """Copy validated values in. Call only after validation: nothing here can fail.
-
-        Same-device values go in batched copies. Pinned host values are copied straight in,
-        asynchronously; pageable ones go through a pinned mirror of the arena in contiguous
-        runs, so a few hundred small weights cost a few large transfers.
-        """
-        groups: dict[tuple[torch.device, torch.device], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for key, value in values.items():
-            dst = self.tensors[key]
-            dsts, srcs = groups.setdefault((dst.device, value.device), ([], []))
-            dsts.append(dst)
-            srcs.append(value)
-        with torch.no_grad():
-            for (dst_device, src_device), (dsts, srcs) in groups.items():
-                if dst_device == src_device:
-                    torch._foreach_copy_(dsts, srcs)
-                elif dst_device.type == "cuda" and src_device.type == "cpu":
-                    self._commit_from_host(dsts, srcs)
-                    torch.cuda.current_stream(dst_device).synchronize()  # callers may reuse sources
-                else:
-                    for dst, src in zip(dsts, srcs, strict=True):
-                        dst.copy_(src)
-
-    def _commit_from_host(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
-        staged: dict[tuple[torch.device, torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for dst, src in zip(dsts, srcs, strict=True):
-            if src.is_pinned():  # the copy engine reads it directly, asynchronously
-                dst.copy_(src, non_blocking=True)
-            else:
-                staged.setdefault((dst.device, dst.dtype), []).append((dst, src))
-        for group, pairs in staged.items():
-            arena, mirror = self.arenas[group], self._mirror(group)
-            item, base = arena.element_size(), arena.data_ptr()
-            pairs.sort(key=lambda p: p[0].data_ptr())
-            slots = [((d.data_ptr() - base) // item, d.numel()) for d, _ in pairs]
-            runs = iter(upload_runs(slots, item))
-            next_run = next(runs)
-            for (start, numel), (dst, src) in zip(slots, pairs, strict=True):
-                mirror[start : start + numel].view(dst.shape).copy_(src)
-                if start + numel == next_run[1]:  # a run is filled: upload it while the CPU goes on
-                    arena[next_run[0] : next_run[1]].copy_(mirror[next_run[0] : next_run[1]], non_blocking=True)
-                    next_run = next(runs, (0, -1))
-
-    def _mirror(self, group: tuple[torch.device, torch.dtype]) -> torch.Tensor:
-        mirror = self.mirrors.get(group)
-        if mirror is None:
-            arena = self.arenas[group]
-            mirror = self.mirrors[group] = torch.empty(arena.numel(), dtype=arena.dtype, pin_memory=True)
-        return mirror
-
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def narrows(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether a cast can overflow: bfloat16 into float16 narrows though both are 2 bytes."""
+    return src != dst and torch.finfo(dst).max < torch.finfo(src).max
+
+
+def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Keys of tensors holding inf or NaN, with one device sync per device when none do."""
+    by_device: dict[torch.device, list[str]] = {}
+    for key, value in tensors.items():
+        by_device.setdefault(value.device, []).append(key)
+    bad: list[str] = []
+    for keys in by_device.values():
+        values = [tensors[k] for k in keys if tensors[k].numel()]
+        if not values:
+            continue
+        peaks = torch.stack(torch._foreach_norm(values, float("inf")))
+        if not bool(torch.isfinite(peaks).all()):
+            bad += [k for k in keys if not bool(torch.isfinite(tensors[k]).all())]
+    return bad

@@ -9,7 +9,6 @@ from typing import Any, Protocol
 import torch
 import torch.fx as fx
 
-from ..errors import SettingsError
 
 Runner = Callable[..., Sequence[torch.Tensor]]
 
@@ -28,14 +27,3 @@ class Backend(Protocol):
 
     def load(self, data: bytes) -> Runner:
         """A runner from dump()'s bytes, already checked against their SHA-256."""
-
-
-def get_backend(name: str, options: dict[str, Any] | None = None) -> Backend:
-    from .eager import EagerBackend
-    from .inductor import InductorBackend
-
-    if name == "inductor":
-        return InductorBackend(options)
-    if name == "eager":
-        return EagerBackend()
-    raise SettingsError(f"Unknown backend {name!r}; expected 'inductor' or 'eager'.")

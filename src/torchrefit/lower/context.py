@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 
 from ..settings import Settings
+from ..weights import WeightProgram
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class LoweredProgram:
     gm: fx.GraphModule
     roles: dict[str, Role]  # placeholder name -> role
     weight_dtypes: dict[str, torch.dtype]  # source FQN -> dtype the engine program holds
-    weight_program: Any = None  # WeightProgram: source weights -> derived weights
+    weight_program: WeightProgram = field(default_factory=WeightProgram.empty)  # sources -> derived
     derived: dict[str, Lineage] = field(default_factory=dict)  # derived key -> lineage
     notes: dict[fx.Node, str] = field(default_factory=dict)  # node -> which pass made it
     names: dict[fx.Node, str] = field(default_factory=dict)  # node -> derived key it should get
@@ -57,6 +58,14 @@ class LoweredProgram:
 
     def role(self, node: fx.Node) -> Role | None:
         return self.roles.get(node.name) if node.op == "placeholder" else None
+
+    def labels(self) -> dict[str, str]:
+        """Placeholder labels for the structural fingerprint: the role's kind, never a name."""
+        return {name: role.kind for name, role in self.roles.items()}
+
+    def weight_order(self) -> list[str]:
+        """Source FQNs and derived keys by placeholder position (the slow path pairs them)."""
+        return [str(r.key) for r in self.roles.values() if r.is_weight]
 
 
 @dataclass(frozen=True)

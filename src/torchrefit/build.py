@@ -1,0 +1,263 @@
+"""Build: engines, fallbacks and the weight store from the partitions of a lowered program."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch.export import ExportedProgram
+
+from .engine.base import Backend
+from .errors import UnsupportedGraphError, WeightValueError
+from .export import source_tensors, tied_aliases, weight_specs
+from .fingerprint import describe, fingerprint, source_structure
+from .lower import Lineage, LoweredProgram
+from .module import CompiledModule, Engine, Fallback, InputGuard, RefitState, make_fallback
+from .partition import ENGINE, Partitioned
+from .settings import Settings
+from .weights import WeightStore, nonfinite
+
+logger = logging.getLogger("torchrefit")
+
+
+def build(
+    source: ExportedProgram,
+    program: ExportedProgram,
+    lowered: LoweredProgram,
+    parts: Partitioned,
+    backend: Backend,
+    settings: Settings,
+) -> CompiledModule:
+    """One engine per engine partition, a fallback per fallback partition, the weight store."""
+    device = program_device(program)
+    root = torch.nn.Module()
+    top = parts.top
+    for node in list(top.graph.nodes):
+        if node.op != "call_module":
+            continue
+        sub = getattr(top, node.target)
+        name = _child_name(parts.kinds[node.target], root)
+        if parts.kinds[node.target] == ENGINE:
+            child = _build_engine(sub, node, lowered, backend, name)
+        else:
+            child = _build_fallback(sub, node, lowered)
+        root.add_module(name, child)
+        node.target = name
+        node.args = tuple(a for a in node.args if not _is_weight_arg(lowered, a))
+    output_constants = _drop_weight_placeholders(top.graph, lowered)
+    for attr in output_constants:
+        root.register_buffer(attr, torch.empty(0), persistent=False)
+    used = {k for child in root.children() for k in child.constant_keys} | set(output_constants.values())
+    used |= _kept_sources(source, lowered)
+    store = _initial_store(program, lowered, device, used, source_tensors(source))
+    compiled = CompiledModule(root, top.graph)
+    compiled._torchrefit = _refit_state(source, program, lowered, store, settings)
+    compiled._torchrefit.output_constants = output_constants
+    compiled._torchrefit.inf_allowed = _holding_inf(store)
+    compiled.bind(store)
+    return compiled
+
+
+def _is_weight_arg(lowered: LoweredProgram, arg: Any) -> bool:
+    # split_module may rename a placeholder ("input" -> "input_1"); its target keeps the name
+    return isinstance(arg, fx.Node) and arg.op == "placeholder" and lowered.roles[arg.target].is_weight
+
+
+def _child_name(kind: str, root: torch.nn.Module) -> str:
+    index = sum(1 for n, _ in root.named_children() if n.startswith(f"_{kind}_"))
+    return f"_{kind}_{index}"
+
+
+def _split_placeholders(sub: fx.GraphModule, call: fx.Node, lowered: LoweredProgram):
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    weights, activations = [], []
+    for ph, arg in zip(placeholders, call.args, strict=True):
+        if _is_weight_arg(lowered, arg):
+            weights.append((ph, str(lowered.roles[arg.target].key)))
+        else:
+            activations.append(ph)
+    return weights, activations
+
+
+def _build_engine(
+    sub: fx.GraphModule, call: fx.Node, lowered: LoweredProgram, backend: Backend, name: str
+) -> Engine:
+    weights, activations = _split_placeholders(sub, call, lowered)
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for ph in [w for w, _ in weights] + activations:
+        env[ph] = graph.node_copy(ph)
+    output = None
+    for node in sub.graph.nodes:
+        if node.op == "output":
+            output = node
+        elif node.op != "placeholder":
+            env[node] = graph.node_copy(node, lambda a: env[a])
+    assert output is not None
+    result = output.args[0]
+    single = not isinstance(result, (tuple, list))
+    graph.output(fx.node.map_arg((result,) if single else tuple(result), lambda a: env[a]))
+    for ph, _ in weights:  # the store holds every constant contiguous: compile for that
+        env[ph].meta["val"] = _contiguous(env[ph].meta["val"])
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    examples = [n.meta["val"] for n in graph.nodes if n.op == "placeholder"]
+    started = time.perf_counter()
+    runner = backend.build(gm, examples)
+    logger.info(
+        "built %s (%s, %d ops, %d constants) in %.1f s",
+        name, backend.name, len(graph.nodes), len(weights), time.perf_counter() - started,
+    )
+    return Engine(backend.name, runner, [k for _, k in weights], single)
+
+
+def _contiguous(val: Any) -> Any:
+    if not isinstance(val, torch.Tensor) or val.is_contiguous():
+        return val
+    mode = detect_fake_mode([val])
+    with mode if mode is not None else contextlib.nullcontext():
+        return torch.empty(val.shape, dtype=val.dtype, device=val.device)
+
+
+def _build_fallback(sub: fx.GraphModule, call: fx.Node, lowered: LoweredProgram) -> Fallback:
+    weights, _ = _split_placeholders(sub, call, lowered)
+    graph = sub.graph
+    last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    for i, (ph, _) in enumerate(weights):
+        sub.register_buffer(f"_w{i}", torch.empty(0), persistent=False)
+        with graph.inserting_after(last_placeholder):
+            attr = graph.get_attr(f"_w{i}")
+        attr.meta = dict(ph.meta)
+        ph.replace_all_uses_with(attr)
+    for ph, _ in weights:
+        graph.erase_node(ph)
+    return make_fallback(graph, [k for _, k in weights])
+
+
+def _drop_weight_placeholders(graph: fx.Graph, lowered: LoweredProgram) -> dict[str, str]:
+    """Weights leave the top graph; one the model returns itself is read from the store
+    (and copied on the way out). Returns graph attribute -> store key for those."""
+    output_constants: dict[str, str] = {}
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and lowered.roles[node.target].is_weight:
+            if node.users:
+                attr = f"_output_constant_{len(output_constants)}"
+                output_constants[attr] = str(lowered.roles[node.target].key)
+                if graph.owning_module is not None:
+                    graph.owning_module.register_buffer(attr, torch.empty(0), persistent=False)
+                with graph.inserting_before(node):
+                    node.replace_all_uses_with(graph.get_attr(attr))
+            graph.erase_node(node)
+    return output_constants
+
+
+def _kept_sources(source: ExportedProgram, lowered: LoweredProgram) -> set[str]:
+    """Non-persistent inputs of the weight program: a state_dict cannot give them, so the
+    store keeps their current value for refits that do not."""
+    optional = {s.fqn for s in weight_specs(source).values() if not s.persistent}
+    return optional & set(lowered.weight_program.inputs)
+
+
+def program_device(program: ExportedProgram) -> torch.device:
+    tensors = list(source_tensors(program).values())
+    for node in program.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(val, torch.Tensor):
+            tensors.append(val)
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise UnsupportedGraphError(
+            f"The program's weights and inputs are on several devices {sorted(map(str, devices))}; "
+            "torchrefit compiles for one device. Move the model and inputs to one device, "
+            "or set Settings.device."
+        )
+    return devices.pop() if devices else torch.device("cpu")
+
+
+def _initial_store(
+    program: ExportedProgram,
+    lowered: LoweredProgram,
+    device: torch.device,
+    used: set[str],
+    originals: dict[str, torch.Tensor],
+) -> WeightStore:
+    """The constants the partitions use, in signature order; nothing the engines never read."""
+    tensors = source_tensors(program)
+    derived = lowered.weight_program(tensors)
+    values: dict[str, torch.Tensor] = {}
+    for role in lowered.roles.values():
+        if str(role.key) not in used:
+            continue
+        if role.kind == "weight":
+            values[str(role.key)] = tensors[str(role.key)]
+        elif role.kind == "derived":
+            values[str(role.key)] = derived[str(role.key)]
+    store = WeightStore({k: v.detach().to(device) for k, v in values.items()})
+    for key in nonfinite({k: v for k, v in store.tensors.items() if v.is_floating_point()}):
+        if key in originals and bool(torch.isfinite(originals[key]).all()):
+            raise WeightValueError(
+                f"Weight {key!r} overflows {store[key].dtype} when the model is converted; it "
+                "would be inf in the engine. Rescale it, or compile with a wider dtype."
+            )
+    return store
+
+
+def _holding_inf(store: WeightStore) -> set[str]:
+    """Constants holding inf as compiled (an attention mask's -inf): refits may keep it."""
+    floats = {k: v for k, v in store.tensors.items() if v.is_floating_point()}
+    return {k for k in nonfinite(floats) if bool(torch.isinf(floats[k]).any())}
+
+
+def _refit_state(
+    source: ExportedProgram,
+    program: ExportedProgram,
+    lowered: LoweredProgram,
+    store: WeightStore,
+    settings: Settings,
+) -> RefitState:
+    specs = {s.fqn: s for s in weight_specs(source).values()}
+    lineage: dict[str, Lineage] = {}
+    for key in store.keys():
+        if key in lowered.derived:
+            lineage[key] = lowered.derived[key]
+        else:
+            same = specs[key].dtype == str(lowered.weight_dtypes[key]).removeprefix("torch.")
+            lineage[key] = Lineage("identity" if same else "cast", (key,))
+    user_inputs = [n for n in lowered.placeholders() if lowered.roles[n.name].kind == "input"]
+    structure = source_structure(source, with_names=True)
+    return RefitState(
+        settings=settings,
+        fingerprint=fingerprint(structure, settings.engine_key()),
+        structure=structure,
+        lowered_structure=fingerprint(describe(lowered.gm.graph, lowered.labels()), settings.engine_key()),
+        specs=specs,
+        aliases=tied_aliases(source, list(specs)),
+        engine_dtypes=dict(lowered.weight_dtypes),
+        weight_program=lowered.weight_program,
+        lineage=lineage,
+        store=store,
+        in_spec=source.call_spec.in_spec,
+        out_spec=source.call_spec.out_spec,
+        guards=[_guard(n) for n in user_inputs],
+        lowered_order=lowered.weight_order(),
+        cast_inputs_to=settings.torch_dtype if program is not source else None,
+    )
+
+
+def _guard(node: fx.Node) -> InputGuard:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return InputGuard(None, None, None, val)
+    shape = tuple(d if isinstance(d, int) else None for d in val.shape)
+    return InputGuard(val.dtype, val.device, shape, contiguous=_is_contiguous(val))
+
+
+def _is_contiguous(val: torch.Tensor) -> bool:
+    try:
+        return bool(val.is_contiguous())
+    except Exception:  # noqa: BLE001 - symbolic strides that cannot be decided: assume so
+        return True

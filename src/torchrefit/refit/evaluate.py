@@ -1,0 +1,198 @@
+"""The evaluate and validate stages: new engine constants, checked before any write.
+
+`evaluate` turns matched source weights into store values (casts to the engine dtype, the
+weight program for derived constants) without a host sync, so `Refitter` captures this very
+code as a CUDA graph. `finite_flag` is the capturable part of the check: one device boolean;
+`validate` is the whole check, raising with the weight named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import IncompatibleWeightsError, MissingWeightError, WeightValueError
+from ..module import RefitState
+from ..weights import narrows, nonfinite
+from .files import FileTensor, buffer_bytes, peak_magnitude, read_tensor
+from .match import Matched
+from .read import Source
+
+
+@dataclass
+class Values:
+    """Store key -> new value in the store's dtype; `streamed`: store key -> bytes in a file,
+    cast as they are copied."""
+
+    tensors: dict[str, torch.Tensor]
+    streamed: dict[str, FileTensor] = field(default_factory=dict)
+    sources: dict[str, Source] = field(default_factory=dict)  # store key -> source, when cast
+
+    def keys(self) -> set[str]:
+        return set(self.tensors) | set(self.streamed)
+
+
+def evaluate(matched: Matched, state: RefitState, keys: set[str] | None = None) -> Values:
+    """The new value of every store key (or of `keys`) that the matched weights determine.
+
+    Identity weights stay where they are (commit copies host tensors straight into the
+    engines' buffers); casts run where the source is, pinned host sources on the device;
+    weight-program inputs move to the engines' device.
+    """
+    store = state.store
+    program = matched.weight_program
+    inverse = {new: old for old, new in matched.rename.items()}
+    needed = {inverse.get(name, name) for name in program.inputs}
+    wanted = [k for k in store.keys() if keys is None or k in keys]
+    streamed: dict[str, FileTensor] = {}
+    cast: dict[str, torch.Tensor] = {}
+    for fqn, source in matched.tensors.items():
+        if isinstance(source, FileTensor) and fqn not in needed:
+            streamed[fqn] = source
+            continue
+        tensor = read_tensor(source) if isinstance(source, FileTensor) else source
+        cast[fqn] = _cast(tensor, state.engine_dtypes[fqn], store.device, fqn in needed)
+    derived = _derived(matched, state, cast, inverse)
+    values = {k: derived[k] if k in derived else cast[k] for k in wanted if k in derived or k in cast}
+    # a value read from the store itself (its own constants, swapped) must not be overwritten
+    # before it is read: copy those first
+    owned = {k: v.clone() if store.holds(v) else v for k, v in values.items()}
+    sources = {k: matched.tensors[k] for k in owned if k in cast and cast[k] is not matched.tensors[k]}
+    return Values(owned, {k: v for k, v in streamed.items() if k in wanted}, sources)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device, program_input: bool) -> torch.Tensor:
+    if tensor.dtype == dtype and not (program_input and tensor.device != device):
+        return tensor
+    if tensor.device != device and tensor.is_pinned():
+        return tensor.to(device=device, dtype=dtype, non_blocking=True)
+    tensor = tensor.to(dtype=dtype)
+    return tensor.to(device) if program_input else tensor
+
+
+def _derived(
+    matched: Matched, state: RefitState, cast: dict[str, torch.Tensor], inverse: dict[str, str]
+) -> dict[str, torch.Tensor]:
+    program = matched.weight_program
+    if not program.outputs:
+        return {}
+    inputs: dict[str, torch.Tensor] = {}
+    for name in program.inputs:
+        fqn = inverse.get(name, name)
+        if fqn in cast:
+            inputs[name] = cast[fqn]
+        elif fqn in state.store.tensors:
+            inputs[name] = state.store[fqn]  # a kept non-persistent buffer or constant
+        else:
+            raise MissingWeightError(
+                f"The new weights lack {fqn!r}, which derived engine constants are computed "
+                "from. Give it too."
+            )
+    outputs = program(inputs)
+    derived_keys = [k for k, lineage in state.lineage.items() if lineage.kind == "program"]
+    return {k: outputs[matched.rename.get(k, k)] for k in derived_keys}
+
+
+def checked(values: Values, state: RefitState) -> dict[str, torch.Tensor]:
+    """The values a refit checks for NaN and inf: derived constants, and weights that a
+    narrowing cast could have overflowed. Identity weights are the caller's values as they are."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in values.tensors.items():
+        if not value.is_floating_point() or not value.numel():
+            continue
+        source = values.sources.get(key)
+        narrowed = source is not None and source.dtype.is_floating_point and narrows(source.dtype, value.dtype)
+        if state.lineage[key].kind == "program" or narrowed:
+            out[key] = value
+    return out
+
+
+def finite_flag(values: Values, state: RefitState) -> torch.Tensor:
+    """One boolean on the engines' device: every checked value is acceptable. No host sync.
+
+    NaN is always refused; inf only where the constant held none when compiled (a mask may
+    legitimately hold -inf)."""
+    device = state.store.device
+    flags = [torch.ones((), dtype=torch.bool, device=device)]
+    strict = {k: v for k, v in checked(values, state).items() if k not in state.inf_allowed}
+    lax = {k: v for k, v in checked(values, state).items() if k in state.inf_allowed}
+    for group in _by_device(strict).values():
+        flags.append(torch.isfinite(torch.stack(torch._foreach_norm(group, float("inf")))).all().to(device))
+    for value in lax.values():
+        flags.append(torch.isnan(value).any().logical_not().to(device))
+    return torch.stack(flags).all()
+
+
+def _by_device(tensors: dict[str, torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
+    groups: dict[torch.device, list[torch.Tensor]] = {}
+    for value in tensors.values():
+        groups.setdefault(value.device, []).append(value)
+    return groups
+
+
+def validate(values: Values, state: RefitState) -> None:
+    """Shape, dtype and device of every value, and the finiteness check; raises naming the
+    weight. One host sync."""
+    check_layout(values, state)
+    if not bool(finite_flag(values, state)):
+        raise_nonfinite(values, state)
+    _check_streamed(values, state)
+
+
+def check_layout(values: Values, state: RefitState) -> None:
+    for key, value in values.tensors.items():
+        dst = state.store[key]
+        movable = value.device == dst.device or value.device.type == "cpu"
+        if value.shape != dst.shape or value.dtype != dst.dtype or not movable:
+            raise IncompatibleWeightsError(
+                f"Engine constant {key!r} would become {value.dtype}{list(value.shape)} on "
+                f"{value.device}; the engine holds {dst.dtype}{list(dst.shape)} on {dst.device}. "
+                "Refit with weights of the compiled architecture."
+            )
+    for key, t in values.streamed.items():
+        if t.shape != tuple(state.store[key].shape):
+            raise IncompatibleWeightsError(
+                f"Engine constant {key!r} would become {list(t.shape)} from {t.path!r}; the "
+                f"engine holds {list(state.store[key].shape)}."
+            )
+
+
+def raise_nonfinite(values: Values, state: RefitState) -> None:
+    """Name the first value the finiteness check refuses."""
+    candidates = checked(values, state)
+    for key in nonfinite(candidates):
+        value = candidates[key]
+        if key in state.inf_allowed and not bool(torch.isnan(value).any()):
+            continue
+        lineage = state.lineage[key]
+        if lineage.kind == "program":
+            raise WeightValueError(
+                f"Engine constant {key!r} (computed from {list(lineage.sources)}) is not "
+                f"finite in {value.dtype}. Check those weights for inf, NaN or a batch norm "
+                "variance below -eps."
+            )
+        source = values.sources.get(key)
+        peak = source.abs().max().item() if isinstance(source, torch.Tensor) else float("nan")
+        raise WeightValueError(
+            f"Weight {key!r} overflows {value.dtype} (largest magnitude {peak:.4g}); it would "
+            "become inf. Rescale it, or compile with a wider dtype."
+        )
+    raise AssertionError("finite_flag refused values that no check names")
+
+
+def _check_streamed(values: Values, state: RefitState) -> None:
+    """A reading pass over file weights that a narrowing cast could overflow; no write."""
+    scratch: torch.Tensor | None = None
+    for key, t in values.streamed.items():
+        target = state.store[key].dtype
+        if not (t.dtype.is_floating_point and narrows(t.dtype, target)):
+            continue
+        scratch = torch.empty(buffer_bytes(), dtype=torch.uint8) if scratch is None else scratch
+        peak = peak_magnitude(t, scratch)
+        limit = torch.finfo(target).max
+        if not peak <= limit and not (key in state.inf_allowed and peak == peak):
+            raise WeightValueError(
+                f"Weight {key!r} overflows {target} (largest magnitude {peak:.4g}); it would "
+                "become inf. Rescale it, or compile with a wider dtype."
+            )

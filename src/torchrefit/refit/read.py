@@ -1,0 +1,100 @@
+"""The read stage: new weights from what users hold, as {source FQN: tensor}, never unpickling.
+
+Every kind of source yields the same `NewWeights`. A safetensors file yields `FileTensor`s
+(shape, dtype and where the bytes lie) in place of tensors: later stages read or stream them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from torch.export import ExportedProgram
+
+from ..errors import IncompatibleWeightsError, TorchRefitError
+from ..export import WeightSpec, source_tensors
+from .files import FileTensor, index_safetensors
+
+Source = Union[torch.Tensor, FileTensor]  # noqa: UP007 - a runtime alias, read by isinstance users
+NameMap = Union[Mapping[str, str], Callable[[str], "str | None"]]  # noqa: UP007
+
+
+@dataclass
+class NewWeights:
+    tensors: dict[str, Source]
+    origin: str  # "exported_program", "module", "state_dict" or "safetensors"
+    program: ExportedProgram | None = None
+    module: torch.nn.Module | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Whether non-persistent buffers and constants are expected to be present."""
+        return self.origin in ("exported_program", "module")
+
+
+def read(new: Any, specs: dict[str, WeightSpec], name_map: NameMap | None = None) -> NewWeights:
+    """`new` as NewWeights, its names mapped by `name_map` (a dict, or a function whose None
+    drops a name)."""
+    weights = _read(new, specs)
+    return weights if name_map is None else rename(weights, name_map)
+
+
+def _read(new: Any, specs: dict[str, WeightSpec]) -> NewWeights:
+    if isinstance(new, ExportedProgram):
+        return NewWeights(dict(source_tensors(new)), "exported_program", program=new)
+    if isinstance(new, torch.nn.Module):
+        return NewWeights(dict(module_tensors(new, specs)), "module", module=new)
+    if isinstance(new, (str, os.PathLike)):
+        return NewWeights(dict(index_safetensors(os.fspath(new))), "safetensors")
+    if isinstance(new, Mapping):
+        bad = [k for k, v in new.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise IncompatibleWeightsError(
+                f"The state_dict maps {bad[:3]} to non-tensors; expected FQN -> torch.Tensor."
+            )
+        return NewWeights(dict(new), "state_dict")
+    raise TorchRefitError(
+        f"refit_module_weights got new weights of type {type(new).__name__}; expected an "
+        "ExportedProgram, an nn.Module, a state_dict (FQN -> tensor) or a safetensors path."
+    )
+
+
+def module_tensors(module: torch.nn.Module, specs: dict[str, WeightSpec]) -> dict[str, torch.Tensor]:
+    """Parameters, buffers, and the tensor attributes that the program lifted as constants."""
+    tensors = dict(module.named_parameters(remove_duplicate=False))
+    tensors.update(module.named_buffers(remove_duplicate=False))
+    for fqn, spec in specs.items():
+        if spec.kind == "constant" and fqn not in tensors:
+            value = _get_path(module, fqn)
+            if isinstance(value, torch.Tensor):
+                tensors[fqn] = value
+    return {k: v.detach() for k, v in tensors.items()}
+
+
+def _get_path(module: torch.nn.Module, fqn: str) -> Any:
+    value: Any = module
+    for part in fqn.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value
+
+
+def rename(new: NewWeights, name_map: NameMap) -> NewWeights:
+    mapped: dict[str, Source] = {}
+    origin: dict[str, str] = {}
+    for name, tensor in new.tensors.items():
+        target = name_map.get(name, name) if isinstance(name_map, Mapping) else name_map(name)
+        if target is None:
+            continue
+        if target in mapped:
+            raise IncompatibleWeightsError(
+                f"name_map maps both {origin[target]!r} and {name!r} to {target!r}; map each "
+                "weight to its own name."
+            )
+        mapped[target] = tensor
+        origin[target] = name
+    return NewWeights(mapped, new.origin if new.origin != "module" else "state_dict", new.program)

@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(VENV)/bin/ruff check src tests bench examples
+	$(VENV)/bin/mypy src
+	$(VENV)/bin/lint-imports
 	TORCHREFIT_CHECK=1 $(PY) -m pytest -q -ra --durations=10
 
 demo: setup
@@ -25,6 +27,7 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests bench examples
 	$(VENV)/bin/mypy src
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -10,7 +10,7 @@ import torch
 from torch.export import ExportedProgram
 
 from .build import build, program_device
-from .cache import EngineCache, cache_key
+from .cache import EngineCache
 from .engine import get_backend
 from .export import engine_program, export_model
 from .fingerprint import source_fingerprint

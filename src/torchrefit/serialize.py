@@ -16,7 +16,6 @@ import zipfile
 from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .engine import get_backend

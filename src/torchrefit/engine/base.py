@@ -9,7 +9,6 @@ from typing import Any, Protocol
 import torch
 import torch.fx as fx
 
-
 Runner = Callable[..., Sequence[torch.Tensor]]
 
 

@@ -21,8 +21,22 @@ from ..errors import (
     WeightDtypeError,
     WeightShapeError,
 )
-from ..export import WeightSpec, dtype_name, engine_program, export_model, source_tensors, weight_specs
-from ..fingerprint import describe, fingerprint, raise_incompatible, source_fingerprint, source_structure, strip_name
+from ..export import (
+    WeightSpec,
+    dtype_name,
+    engine_program,
+    export_model,
+    source_tensors,
+    weight_specs,
+)
+from ..fingerprint import (
+    describe,
+    fingerprint,
+    raise_incompatible,
+    source_fingerprint,
+    source_structure,
+    strip_name,
+)
 from ..lower import LoweringContext, lower
 from ..module import RefitState
 from ..weights import WeightProgram

@@ -41,8 +41,9 @@ def build(
         if node.op != "call_module":
             continue
         sub = getattr(top, node.target)
-        name = _child_name(parts.kinds[node.target], root)
-        if parts.kinds[node.target] == ENGINE:
+        name = _child_name(parts.kinds[str(node.target)], root)
+        child: Engine | Fallback
+        if parts.kinds[str(node.target)] == ENGINE:
             child = _build_engine(sub, node, lowered, backend, name)
         else:
             child = _build_fallback(sub, node, lowered)
@@ -52,7 +53,7 @@ def build(
     output_constants = _drop_weight_placeholders(top.graph, lowered)
     for attr in output_constants:
         root.register_buffer(attr, torch.empty(0), persistent=False)
-    used = {k for child in root.children() for k in child.constant_keys} | set(output_constants.values())
+    used = {k for child in root.children() for k in _constant_keys(child)} | set(output_constants.values())
     used |= _kept_sources(source, lowered)
     store = _initial_store(program, lowered, device, used, source_tensors(source))
     compiled = CompiledModule(root, top.graph)
@@ -63,9 +64,14 @@ def build(
     return compiled
 
 
+def _constant_keys(child: torch.nn.Module) -> list[str]:
+    assert isinstance(child, (Engine, Fallback))
+    return child.constant_keys
+
+
 def _is_weight_arg(lowered: LoweredProgram, arg: Any) -> bool:
     # split_module may rename a placeholder ("input" -> "input_1"); its target keeps the name
-    return isinstance(arg, fx.Node) and arg.op == "placeholder" and lowered.roles[arg.target].is_weight
+    return isinstance(arg, fx.Node) and arg.op == "placeholder" and lowered.roles[str(arg.target)].is_weight
 
 
 def _child_name(kind: str, root: torch.nn.Module) -> str:
@@ -73,12 +79,16 @@ def _child_name(kind: str, root: torch.nn.Module) -> str:
     return f"_{kind}_{index}"
 
 
-def _split_placeholders(sub: fx.GraphModule, call: fx.Node, lowered: LoweredProgram):
+def _split_placeholders(
+    sub: fx.GraphModule, call: fx.Node, lowered: LoweredProgram
+) -> tuple[list[tuple[fx.Node, str]], list[fx.Node]]:
     placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
-    weights, activations = [], []
+    weights: list[tuple[fx.Node, str]] = []
+    activations: list[fx.Node] = []
     for ph, arg in zip(placeholders, call.args, strict=True):
         if _is_weight_arg(lowered, arg):
-            weights.append((ph, str(lowered.roles[arg.target].key)))
+            assert isinstance(arg, fx.Node)
+            weights.append((ph, str(lowered.roles[str(arg.target)].key)))
         else:
             activations.append(ph)
     return weights, activations

@@ -57,7 +57,8 @@ class GatherCopy:
         item = arena.element_size()
         vec = max(1, VECTOR_BYTES // item)
         self.vec = vec
-        fast, self.rest = [], ([], [])
+        fast: list[tuple[int, int, int]] = []
+        self.rest: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         base = arena.data_ptr()
         for dst, src in zip(dsts, srcs, strict=True):
             reachable = (src.is_cuda and src.device == arena.device) or src.is_pinned()  # UVA

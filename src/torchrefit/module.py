@@ -176,6 +176,7 @@ def clone_module(module: CompiledModule, store: WeightStore) -> CompiledModule:
     for attr in module._torchrefit.output_constants:
         root.register_buffer(attr, torch.empty(0), persistent=False)
     for name, child in module.named_children():
+        copy: Engine | Fallback
         if isinstance(child, Engine):
             copy = Engine(child.backend, child.runner, child.constant_keys, child.single_output, child.artifact)
         else:

@@ -26,7 +26,7 @@ from .module import CompiledModule
 from .refit.commit import commit
 from .refit.evaluate import evaluate, validate
 from .refit.match import Matched, fast
-from .refit.read import NewWeights, module_tensors
+from .refit.read import NewWeights, Source, module_tensors
 from .serialize import save
 from .settings import Settings
 
@@ -149,7 +149,7 @@ class MutableModule(torch.nn.Module):
         """Refit what changed; False when only a recompile can follow the change."""
         state = compiled._torchrefit
         current = self._weights(compiled)
-        named = {k: t for k, t in current.items() if k in state.specs or k in state.aliases}
+        named: dict[str, Source] = {k: t for k, t in current.items() if k in state.specs or k in state.aliases}
         try:  # the match stage checks the set, shapes and dtypes of the weights
             matched = fast(NewWeights(named, "module"), state)
         except IncompatibleWeightsError:

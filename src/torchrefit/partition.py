@@ -53,7 +53,7 @@ def partition(gm: fx.GraphModule, settings: Settings, capability: Capability) ->
     runs = _runs(nodes, labels)
     runs = _merge(_apply_min_block_size(runs, settings.min_block_size))
     run_of = {node: i for i, (_, members) in enumerate(runs) for node in members}
-    top = split_module(gm, None, lambda n: run_of[n], keep_original_order=True)
+    top = split_module(gm, None, lambda n: run_of[n], keep_original_order=True)  # type: ignore[arg-type]
     kinds = {f"submod_{i}": label for i, (label, _) in enumerate(runs)}
     logger.debug(
         "partitioned into %d engine and %d fallback partitions",

@@ -43,7 +43,8 @@ class Refitter:
                 "a file with torchrefit.refit_module_weights(module, path, in_place=True)."
             )
         self.matched: Matched = fast(read(weights, self.state.specs), self.state)
-        self._bound = {k: (tuple(t.shape), t.dtype) for k, t in self.matched.tensors.items()}
+        self.tensors = _tensors(self.matched)
+        self._bound = {k: (tuple(t.shape), t.dtype) for k, t in self.tensors.items()}
         self._graphs: _Graphs | None = None
         if cuda_graph and self._capturable():
             self._graphs = _Graphs(self.matched, self.state)
@@ -60,7 +61,7 @@ class Refitter:
     def _check_bound(self) -> None:
         """A bound tensor changed dtype or shape in place (`.data = ...`): refuse, as a
         refit from it would."""
-        for fqn, tensor in self.matched.tensors.items():
+        for fqn, tensor in self.tensors.items():
             shape, dtype = self._bound[fqn]
             if tensor.dtype != dtype:
                 raise WeightDtypeError(
@@ -78,8 +79,15 @@ class Refitter:
         if device.type != "cuda":
             return False
         return all(
-            t.device == device or (t.is_pinned() and t.is_contiguous()) for t in self.matched.tensors.values()
+            t.device == device or (t.is_pinned() and t.is_contiguous()) for t in self.tensors.values()
         )
+
+
+def _tensors(matched: Matched) -> dict[str, torch.Tensor]:
+    """The bound tensors (a module's or a state_dict's: never file entries)."""
+    tensors = {k: t for k, t in matched.tensors.items() if isinstance(t, torch.Tensor)}
+    assert len(tensors) == len(matched.tensors)
+    return tensors
 
 
 class _Graphs:
@@ -109,7 +117,7 @@ class _Graphs:
         if not bool(self.ok):  # the one host sync: nothing has been written yet
             raise_nonfinite(self.values, self.state)
         self.copy.replay()
-        if any(not t.is_cuda for t in self.matched.tensors.values()):
+        if any(not t.is_cuda for t in _tensors(self.matched).values()):
             torch.cuda.current_stream().synchronize()  # the caller may overwrite its host buffers
         self.state.unset -= set(self.values.tensors)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -58,8 +59,11 @@ def _foldable(program: LoweredProgram, bn: fx.Node) -> bool:
 def _fold(program: LoweredProgram, bn: fx.Node) -> None:
     graph = program.gm.graph
     conv = bn.args[0]
-    x, weight, bias, *conv_rest = conv.args
-    gamma, beta, mean, var, _momentum, eps = bn.args[1:7]
+    assert isinstance(conv, fx.Node)  # _foldable checked it
+    conv_args: tuple[Any, ...] = tuple(conv.args)
+    bn_args: tuple[Any, ...] = tuple(bn.args)
+    x, weight, bias, *conv_rest = conv_args
+    gamma, beta, mean, var, _momentum, eps = bn_args[1:7]
     dtype = weight.meta["val"].dtype
     with graph.inserting_before(conv):
         up = lambda n: n if n is None else _as_float32(graph, n)  # noqa: E731

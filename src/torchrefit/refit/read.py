@@ -64,7 +64,7 @@ def _read(new: Any, specs: dict[str, WeightSpec]) -> NewWeights:
 
 def module_tensors(module: torch.nn.Module, specs: dict[str, WeightSpec]) -> dict[str, torch.Tensor]:
     """Parameters, buffers, and the tensor attributes that the program lifted as constants."""
-    tensors = dict(module.named_parameters(remove_duplicate=False))
+    tensors: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
     tensors.update(module.named_buffers(remove_duplicate=False))
     for fqn, spec in specs.items():
         if spec.kind == "constant" and fqn not in tensors:

@@ -12,7 +12,7 @@ from torch.export import ExportedProgram
 from .build import build, program_device
 from .cache import EngineCache
 from .engine import get_backend
-from .export import engine_program, export_model
+from .export import TRACING, engine_program, export_model
 from .fingerprint import source_fingerprint
 from .lower import LoweringContext, lower
 from .module import CompiledModule
@@ -32,6 +32,16 @@ def compile(
 ) -> CompiledModule:
     """Compile `model` into refittable engines; `overrides` are `Settings` fields."""
     settings = Settings.from_overrides(settings, **overrides)
+    with TRACING:  # one compile at a time in a process: tracing state is global
+        return _compile(model, arg_inputs, kwarg_inputs, settings)
+
+
+def _compile(
+    model: torch.nn.Module | ExportedProgram,
+    arg_inputs: tuple[Any, ...],
+    kwarg_inputs: dict[str, Any] | None,
+    settings: Settings,
+) -> CompiledModule:
     started = time.perf_counter()
     source = export_model(model, arg_inputs, kwarg_inputs)
     cache = EngineCache.open(settings, source_fingerprint(source, settings.engine_key()), _target_device(source, settings))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,10 @@ from .errors import ExportError, SettingsError, UnsupportedGraphError
 from .settings import Settings
 
 logger = logging.getLogger("torchrefit")
+
+# torch.export, decompositions and Inductor share process-wide tracing state: two traces at
+# once can swap a model's parameters for FakeTensors. Every trace torchrefit starts holds it.
+TRACING = threading.RLock()
 
 _KINDS = {
     InputKind.PARAMETER: "parameter",
@@ -79,7 +84,7 @@ def export_model(
             "e.g. (torch.randn(1, 3, 224, 224),)."
         )
     try:
-        with torch.no_grad():
+        with TRACING, torch.no_grad():
             return torch.export.export(model, args, kwargs or {}, strict=False)
     except Exception as exc:
         raise ExportError(

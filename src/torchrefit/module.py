@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from .concurrency import Guard
 from .cuda_graphs import CudaGraphs
 from .engine.base import Runner
 from .errors import InputError, WeightsNotLoadedError
@@ -117,6 +118,9 @@ class RefitState:
     unset: set[str] = field(default_factory=set)  # constants a stripped file did not hold
     output_constants: dict[str, str] = field(default_factory=dict)  # graph attribute -> key
     inf_allowed: set[str] = field(default_factory=set)  # constants that held inf when compiled
+    guard: Guard = field(default_factory=Guard)  # calls against commits; refits one at a time
+    standby: WeightStore | None = None  # double_buffer: the bank refits write into, then flip to
+    stale: set[str] = field(default_factory=set)  # standby constants behind the active ones
 
 
 class CompiledModule(fx.GraphModule):
@@ -135,16 +139,21 @@ class CompiledModule(fx.GraphModule):
             )
         flat = _flatten(args, kwargs, state.in_spec)
         flat = [_guard(i, x, g, state.cast_inputs_to) for i, (x, g) in enumerate(zip(flat, state.guards, strict=True))]
-        if state.settings.cuda_graphs and _all_cuda(flat):
-            outputs = self._graphs().run(flat)
-        else:
-            outputs = super().__call__(*flat)
-        return pytree.tree_unflatten([_owned(y, state.store) for y in outputs], state.out_spec)
+        with state.guard.reading(state.store.device):  # one complete weight set per call
+            store = state.store
+            if state.settings.cuda_graphs and _all_cuda(flat):
+                outputs = self._graphs(store).run(flat)
+            else:
+                outputs = super().__call__(*flat)
+            owned = [_owned(y, store) for y in outputs]
+        return pytree.tree_unflatten(owned, state.out_spec)
 
-    def _graphs(self) -> CudaGraphs:
-        graphs = self.__dict__.get("_cuda_graphs")
+    def _graphs(self, store: WeightStore) -> CudaGraphs:
+        """The CUDA graphs that read `store` (a double-buffered module has one set per bank)."""
+        banks = self.__dict__.setdefault("_cuda_graphs", {})
+        graphs = banks.get(id(store))
         if graphs is None:
-            graphs = self.__dict__["_cuda_graphs"] = CudaGraphs(lambda *xs: super(CompiledModule, self).__call__(*xs))
+            graphs = banks[id(store)] = CudaGraphs(lambda *xs: super(CompiledModule, self).__call__(*xs))
         return graphs
 
     def engines(self) -> dict[str, Engine]:
@@ -185,7 +194,9 @@ def clone_module(module: CompiledModule, store: WeightStore) -> CompiledModule:
         root.add_module(name, copy)
     compiled = CompiledModule(root, _copy_graph(module.graph))
     # its own refit state: what one module's refits mark (unset weights) never shows in another
-    compiled._torchrefit = dataclasses.replace(module._torchrefit, store=store, unset=set(module._torchrefit.unset))
+    compiled._torchrefit = dataclasses.replace(
+        module._torchrefit, store=store, unset=set(module._torchrefit.unset), guard=Guard(), standby=None, stale=set()
+    )
     compiled.bind(store)
     return compiled
 

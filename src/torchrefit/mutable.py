@@ -12,6 +12,7 @@ computed with stale weights.
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -52,6 +53,7 @@ class MutableModule(torch.nn.Module):
             _traced_merges={},  # id(compiled) -> {LoRA layer: adapters merged when traced}
             compiles=0,
             refits=0,
+            _lock=threading.RLock(),
         )
 
     # -- behave like the wrapped model ------------------------------------------------------
@@ -87,23 +89,32 @@ class MutableModule(torch.nn.Module):
     # -- calls ------------------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        state = _state_signature(self.model)
-        key = (state, _input_signature(args, kwargs))
-        compiled = self._compiled.get(key, self._compiled.get((state, None)))
-        if compiled is None:
-            compiled = self._compile(key, args, kwargs, "first call with this structure")
-        elif not self._sync(compiled):
-            compiled = self._compile(key, args, kwargs, "the weights changed shape, dtype or set")
+        key, compiled = self._ready(args, kwargs)
         try:
             return compiled(*args, **kwargs)
         except InputError as exc:
-            compiled = self._compile(key, args, kwargs, str(exc))
+            with self._lock:
+                compiled = self._compile(key, args, kwargs, str(exc))
             return compiled(*args, **kwargs)
+
+    def _ready(self, args: tuple, kwargs: dict) -> tuple[tuple, CompiledModule]:
+        """The variant for this call, compiled or refitted as needed; one thread at a time
+        (torch.export must not trace one model twice at once)."""
+        with self._lock:
+            state = _state_signature(self.model)
+            key = (state, _input_signature(args, kwargs))
+            compiled = self._compiled.get(key, self._compiled.get((state, None)))
+            if compiled is None:
+                compiled = self._compile(key, args, kwargs, "first call with this structure")
+            elif not self._sync(compiled):
+                compiled = self._compile(key, args, kwargs, "the weights changed shape, dtype or set")
+            return key, compiled
 
     def refit(self) -> None:
         """Bring every compiled variant up to date with the model's weights now."""
-        for compiled in self._compiled.values():
-            self._sync(compiled)
+        with self._lock:
+            for compiled in self._compiled.values():
+                self._sync(compiled)
 
     def recompile(self) -> None:
         """Drop every compiled variant; the next call compiles again."""
@@ -147,6 +158,10 @@ class MutableModule(torch.nn.Module):
 
     def _sync(self, compiled: CompiledModule) -> bool:
         """Refit what changed; False when only a recompile can follow the change."""
+        with compiled._torchrefit.guard.refit:
+            return self._sync_locked(compiled)
+
+    def _sync_locked(self, compiled: CompiledModule) -> bool:
         state = compiled._torchrefit
         current = self._weights(compiled)
         named: dict[str, Source] = {k: t for k, t in current.items() if k in state.specs or k in state.aliases}

@@ -16,12 +16,13 @@ from typing import Any
 import torch
 
 from .errors import TorchRefitError, WeightDtypeError, WeightShapeError
-from .module import CompiledModule
+from .module import CompiledModule, RefitState
 from .refit import refittable
-from .refit.commit import commit, copy_plan
-from .refit.evaluate import Values, evaluate, finite_flag, raise_nonfinite, validate
+from .refit.commit import commit, commit_by, copy_plan
+from .refit.evaluate import Values, checked, evaluate, raise_nonfinite, tensors_flag, validate
 from .refit.match import Matched, fast
 from .refit.read import read
+from .weights import WeightStore
 
 logger = logging.getLogger("torchrefit")
 
@@ -51,12 +52,13 @@ class Refitter:
 
     def __call__(self) -> None:
         self._check_bound()
-        if self._graphs is None:
-            values = evaluate(self.matched, self.state)
-            validate(values, self.state)
-            commit(self.module, values, in_place=True)
-            return
-        self._graphs.run()
+        with self.state.guard.refit:
+            if self._graphs is None:
+                values = evaluate(self.matched, self.state)
+                validate(values, self.state)
+                commit(self.module, values, in_place=True)
+            else:
+                self._graphs.run(self.module)
 
     def _check_bound(self) -> None:
         """A bound tensor changed dtype or shape in place (`.data = ...`): refuse, as a
@@ -91,11 +93,13 @@ def _tensors(matched: Matched) -> dict[str, torch.Tensor]:
 
 
 class _Graphs:
-    """The core's evaluate stage and its finiteness flag, and the commit's copy plan, each
-    captured once as a CUDA graph over the bound tensors."""
+    """The core's evaluate stage with its finiteness flag, and the commit's copy plan (one
+    per buffer a double-buffered module flips between), each captured as a CUDA graph over
+    the bound tensors."""
 
-    def __init__(self, matched: Matched, state: Any) -> None:
+    def __init__(self, matched: Matched, state: RefitState) -> None:
         self.matched, self.state = matched, state
+        self.host_sources = any(not t.is_cuda for t in _tensors(matched).values())
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():
@@ -104,22 +108,33 @@ class _Graphs:
         self.compute = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.compute), torch.no_grad():
             self.values, self.ok = self._compute()  # the graph writes here: keep the memory ours
-        copy = copy_plan(state.store, self.values.tensors)
-        self.copy = _captured(copy)
+        # pinned host weights copied as they are cannot be read inside a graph: the CPU checks
+        # them before each copy (a double-buffered module checks them after, on the device)
+        self.on_host = {k: v for k, v in checked(self.values).items() if not v.is_cuda}
+        self.copies: dict[int, torch.cuda.CUDAGraph] = {}
         logger.info("refit of %d constants captured as CUDA graphs", len(self.values.tensors))
 
     def _compute(self) -> tuple[Values, torch.Tensor]:
         values = evaluate(self.matched, self.state)
-        return values, finite_flag(values, self.state)
+        on_device = {k: v for k, v in checked(values).items() if v.is_cuda}
+        return values, tensors_flag(on_device, self.state.inf_allowed, self.state.store.device)
 
-    def run(self) -> None:
+    def run(self, module: CompiledModule) -> None:
+        state = self.state
         self.compute.replay()
-        if not bool(self.ok):  # the one host sync: nothing has been written yet
-            raise_nonfinite(self.values, self.state)
-        self.copy.replay()
-        if any(not t.is_cuda for t in _tensors(self.matched).values()):
+        if not state.settings.double_buffer:
+            host_ok = tensors_flag(self.on_host, state.inf_allowed, torch.device("cpu"))
+            if not (bool(self.ok) and bool(host_ok)):  # the one host sync: nothing written yet
+                raise_nonfinite(self.values.tensors, self.values.sources, state)
+        commit_by(module, set(self.values.tensors), self._replay_copy)
+        if self.host_sources:
             torch.cuda.current_stream().synchronize()  # the caller may overwrite its host buffers
-        self.state.unset -= set(self.values.tensors)
+
+    def _replay_copy(self, store: WeightStore) -> None:
+        graph = self.copies.get(id(store))
+        if graph is None:
+            graph = self.copies[id(store)] = _captured(copy_plan(store, self.values.tensors))
+        graph.replay()
 
 
 def _captured(run: Callable[[], None]) -> torch.cuda.CUDAGraph:

@@ -64,6 +64,11 @@ class Settings:
         "Engine cache directory: a structure compiled before is loaded and refitted, not compiled.",
     )
     cache_max_bytes: int = _runtime(4 << 30, "Size bound of the engine cache; least recently used entries go.")
+    double_buffer: bool = _runtime(
+        False,
+        "Keep a standby copy of the weights: refits write and check it while calls run, then "
+        "flip (twice the weight memory).",
+    )
     cuda_graphs: bool = _runtime(
         False,
         "Replay each input shape's call as a CUDA graph (inputs copied in, outputs copied out).",

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 from torch.export import ExportedProgram
 
-from ..export import check_outputs, weight_specs
+from ..export import TRACING, check_outputs, weight_specs
 from .context import LoweredProgram, Role
 
 
 def decompose(ep: ExportedProgram) -> LoweredProgram:
     check_outputs(ep)
-    ep = ep.run_decompositions(_decomposition_table())
+    with TRACING:
+        ep = ep.run_decompositions(_decomposition_table())
     specs = weight_specs(ep)
     roles: dict[str, Role] = {}
     inputs = 0

@@ -18,7 +18,7 @@ import torch
 from ..copy_kernel import GatherCopy, gather_copy_works
 from ..module import CompiledModule, clone_module
 from ..weights import ALIGN_BYTES, WeightStore
-from .evaluate import Values
+from .evaluate import Values, check_written
 from .files import FileTensor, buffer_bytes, chunks_of
 
 logger = logging.getLogger("torchrefit")
@@ -31,13 +31,41 @@ def commit(module: CompiledModule, values: Values, in_place: bool) -> CompiledMo
 
     A copy gets a store of its own: each constant is copied once, from `values` or, for the
     constants the refit leaves alone, from the original."""
-    target = module if in_place else _copy_for(module, values.keys())
-    state = target._torchrefit
-    write(state.store, values.tensors)
-    state.unset -= set(values.tensors)
-    if values.streamed:
-        _stream(target, values.streamed)
+    if in_place:
+        commit_by(module, values.keys(), lambda store: _write_values(module, store, values))
+        return module
+    target = _copy_for(module, values.keys())
+    _write_values(target, target._torchrefit.store, values)
     return target
+
+
+def commit_by(module: CompiledModule, keys: set[str], write_values: Callable[[WeightStore], None]) -> None:
+    """In place: `write_values(store)` writes the constants `keys` into `store`.
+
+    Plainly, `store` is the active buffer, written while no call runs. Double-buffered, it
+    is the standby: brought up to date, written while calls go on, checked there, then
+    flipped to; a refused or failed refit never flips."""
+    state = module._torchrefit
+    active = state.store
+    if not state.settings.double_buffer:
+        with state.guard.writing(active.device):
+            write_values(active)
+        state.unset -= keys
+        return
+    if state.standby is None:
+        state.standby, state.stale = active.empty_like(), set(active.keys())
+    standby = state.standby
+    if active.device.type == "cuda":
+        state.guard.wait_for_calls(active.device)  # calls launched before the last flip read it
+    state.stale |= keys  # until the flip, the standby is a mix
+    write(standby, {k: active[k] for k in state.stale - keys})
+    write_values(standby)
+    check_written(standby, keys, state)
+    with state.guard.writing(active.device):
+        module.bind(standby)
+        state.standby, state.stale = active, set(keys)
+        state.unset -= keys
+    logger.debug("double buffer: flipped to the standby weights (%d constants refitted)", len(keys))
 
 
 def _copy_for(module: CompiledModule, refitted: set[str]) -> CompiledModule:
@@ -45,6 +73,24 @@ def _copy_for(module: CompiledModule, refitted: set[str]) -> CompiledModule:
     store = old.empty_like()
     write(store, {k: t for k, t in old.tensors.items() if k not in refitted})
     return clone_module(module, store)
+
+
+def _write_values(module: CompiledModule, store: WeightStore, values: Values) -> None:
+    write(store, values.tensors)
+    if not values.streamed:
+        return
+    if store is not module._torchrefit.store:
+        _stream_into(store, values.streamed)  # a standby: a failure midway changes nothing
+        return
+    state = module._torchrefit
+    pending = set(values.streamed)
+    try:
+        _stream_into(store, values.streamed, pending)
+    except BaseException:
+        # the weights not yet written are marked unset: the module refuses to run until a
+        # refit succeeds, rather than compute with a half-updated mix
+        state.unset |= pending
+        raise
 
 
 def write(store: WeightStore, values: dict[str, torch.Tensor]) -> None:
@@ -150,27 +196,20 @@ def _batched_copy(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> Callabl
     return copy
 
 
-def _stream(target: CompiledModule, streamed: dict[str, FileTensor]) -> None:
-    """Each file weight's bytes straight into its buffer. A read failure midway leaves the
-    weights not yet written marked unset: the module refuses to run until a refit succeeds,
-    rather than compute with a half-updated mix."""
-    state = target._torchrefit
-    pending = set(streamed)
+def _stream_into(store: WeightStore, streamed: dict[str, FileTensor], pending: set[str] | None = None) -> None:
+    """Each file weight's bytes straight into its buffer in `store`, cast as copied."""
     files: dict[str, IO[bytes]] = {}
     try:
-        with _Chunks(state.store.device) as chunks:
+        with _Chunks(store.device) as chunks:
             for key, t in streamed.items():
                 if t.path not in files:
                     files[t.path] = open(t.path, "rb")  # noqa: SIM115 - closed below
-                chunks.copy(files[t.path], t, state.store[key])
-                pending.discard(key)
-    except BaseException:
-        state.unset |= pending
-        raise
+                chunks.copy(files[t.path], t, store[key])
+                if pending is not None:
+                    pending.discard(key)
     finally:
         for f in files.values():
             f.close()
-    state.unset -= set(streamed)
     logger.info("streamed %d weights from %s", len(streamed), sorted({t.path for t in streamed.values()}))
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import ImmutableWeightsError, TorchRefitError
 from ..module import CompiledModule, RefitState
-from .commit import commit, write
+from .commit import commit
 from .evaluate import Values, evaluate, validate
 from .match import match
 from .read import NameMap, read
@@ -37,17 +37,18 @@ def refit_module_weights(
     (returning None drops a name, e.g. optimizer state in a checkpoint)."""
     started = time.perf_counter()
     state = refittable(compiled_module)
-    new = read(new_weight_module, state.specs, name_map)
-    matched = match(new, state, use_weight_map_cache, arg_inputs, kwarg_inputs)
-    values = evaluate(matched, state)
-    validate(values, state)
-    if verify_output:
-        check_verifiable(new, arg_inputs)
-    # a verified in-place refit runs on a copy first: a failed check leaves the module as it was
-    target = commit(compiled_module, values, in_place and not verify_output)
-    if verify_output:
-        verify(target, new, matched, arg_inputs, kwarg_inputs)
-        target = adopt(compiled_module, target) if in_place else target
+    with state.guard.refit:  # refits of one module run one at a time
+        new = read(new_weight_module, state.specs, name_map)
+        matched = match(new, state, use_weight_map_cache, arg_inputs, kwarg_inputs)
+        values = evaluate(matched, state)
+        validate(values, state)
+        if verify_output:
+            check_verifiable(new, arg_inputs)
+        # a verified in-place refit runs on a copy first: a failed check changes nothing
+        target = commit(compiled_module, values, in_place and not verify_output)
+        if verify_output:
+            verify(target, new, matched, arg_inputs, kwarg_inputs)
+            target = adopt(compiled_module, target) if in_place else target
     logger.info("refit (%s path) took %.2f ms", matched.path, 1e3 * (time.perf_counter() - started))
     return target
 
@@ -71,9 +72,8 @@ def refittable(module: Any) -> RefitState:
 def adopt(module: CompiledModule, verified: CompiledModule) -> CompiledModule:
     """`module` given every constant of `verified`, a refitted copy of it."""
     source = verified._torchrefit
-    write(module._torchrefit.store, source.store.tensors)
-    module._torchrefit.unset = set(source.unset)
-    return module
+    values = Values({k: t for k, t in source.store.tensors.items() if k not in source.unset})
+    return commit(module, values, in_place=True)
 
 
 __all__ = ["Values", "refit_module_weights", "refittable"]

@@ -3,7 +3,8 @@
 `evaluate` turns matched source weights into store values (casts to the engine dtype, the
 weight program for derived constants) without a host sync, so `Refitter` captures this very
 code as a CUDA graph. `finite_flag` is the capturable part of the check: one device boolean;
-`validate` is the whole check, raising with the weight named.
+`validate` is the whole check, raising with the weight named. What is checked: every
+floating value; NaN is refused, and inf where the compiled constant held none.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from ..errors import IncompatibleWeightsError, MissingWeightError, WeightValueError
 from ..module import RefitState
-from ..weights import narrows, nonfinite
+from ..weights import WeightStore, nonfinite
 from .files import FileTensor, buffer_bytes, peak_magnitude, read_tensor
 from .match import Matched
 from .read import Source
@@ -94,33 +95,28 @@ def _derived(
     return {k: outputs[matched.rename.get(k, k)] for k in derived_keys}
 
 
-def checked(values: Values, state: RefitState) -> dict[str, torch.Tensor]:
-    """The values a refit checks for NaN and inf: derived constants, and weights that a
-    narrowing cast could have overflowed. Identity weights are the caller's values as they are."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in values.tensors.items():
-        if not value.is_floating_point() or not value.numel():
-            continue
-        source = values.sources.get(key)
-        narrowed = source is not None and source.dtype.is_floating_point and narrows(source.dtype, value.dtype)
-        if state.lineage[key].kind == "program" or narrowed:
-            out[key] = value
-    return out
+def checked(values: Values) -> dict[str, torch.Tensor]:
+    """The values the finiteness check reads: every floating value."""
+    return {k: v for k, v in values.tensors.items() if v.is_floating_point() and v.numel()}
 
 
 def finite_flag(values: Values, state: RefitState) -> torch.Tensor:
-    """One boolean on the engines' device: every checked value is acceptable. No host sync.
+    """One boolean on the engines' device: every value is acceptable. No host sync.
 
     NaN is always refused; inf only where the constant held none when compiled (a mask may
-    legitimately hold -inf)."""
-    device = state.store.device
+    legitimately hold -inf). Values are read where they are: on the device at memory speed,
+    host values by the CPU."""
+    return tensors_flag(checked(values), state.inf_allowed, state.store.device)
+
+
+def tensors_flag(tensors: dict[str, torch.Tensor], inf_allowed: set[str], device: torch.device) -> torch.Tensor:
     flags = [torch.ones((), dtype=torch.bool, device=device)]
-    strict = {k: v for k, v in checked(values, state).items() if k not in state.inf_allowed}
-    lax = {k: v for k, v in checked(values, state).items() if k in state.inf_allowed}
+    strict = {k: v for k, v in tensors.items() if k not in inf_allowed}
     for group in _by_device(strict).values():
         flags.append(torch.isfinite(torch.stack(torch._foreach_norm(group, float("inf")))).all().to(device))
-    for value in lax.values():
-        flags.append(torch.isnan(value).any().logical_not().to(device))
+    for key, value in tensors.items():
+        if key in inf_allowed:
+            flags.append(torch.isnan(value).any().logical_not().to(device))
     return torch.stack(flags).all()
 
 
@@ -133,11 +129,21 @@ def _by_device(tensors: dict[str, torch.Tensor]) -> dict[torch.device, list[torc
 
 def validate(values: Values, state: RefitState) -> None:
     """Shape, dtype and device of every value, and the finiteness check; raises naming the
-    weight. One host sync."""
+    weight. A double-buffered module checks finiteness after the copy, in its standby
+    buffer (`check_written`), at no extra read of the sources."""
     check_layout(values, state)
+    if state.settings.double_buffer:
+        return
     if not bool(finite_flag(values, state)):
-        raise_nonfinite(values, state)
+        raise_nonfinite(values.tensors, values.sources, state)
     _check_streamed(values, state)
+
+
+def check_written(store: WeightStore, keys: set[str], state: RefitState) -> None:
+    """The finiteness check over constants just written into a standby buffer."""
+    tensors = {k: store[k] for k in keys if store[k].is_floating_point() and store[k].numel()}
+    if not bool(tensors_flag(tensors, state.inf_allowed, store.device)):
+        raise_nonfinite(tensors, {}, state)
 
 
 def check_layout(values: Values, state: RefitState) -> None:
@@ -158,9 +164,9 @@ def check_layout(values: Values, state: RefitState) -> None:
             )
 
 
-def raise_nonfinite(values: Values, state: RefitState) -> None:
+def raise_nonfinite(tensors: dict[str, torch.Tensor], sources: dict[str, Source], state: RefitState) -> None:
     """Name the first value the finiteness check refuses."""
-    candidates = checked(values, state)
+    candidates = {k: v for k, v in tensors.items() if v.is_floating_point() and v.numel()}
     for key in nonfinite(candidates):
         value = candidates[key]
         if key in state.inf_allowed and not bool(torch.isnan(value).any()):
@@ -172,26 +178,34 @@ def raise_nonfinite(values: Values, state: RefitState) -> None:
                 f"finite in {value.dtype}. Check those weights for inf, NaN or a batch norm "
                 "variance below -eps."
             )
-        source = values.sources.get(key)
-        peak = source.abs().max().item() if isinstance(source, torch.Tensor) else float("nan")
+        source = sources.get(key)
+        if isinstance(source, torch.Tensor) and bool(torch.isfinite(source).all()):
+            raise WeightValueError(
+                f"Weight {key!r} overflows {value.dtype} (largest magnitude "
+                f"{source.abs().max().item():.4g}); it would become inf. Rescale it, or compile "
+                "with a wider dtype."
+            )
+        what = "NaN" if bool(torch.isnan(value).any()) else "inf, which it did not hold when compiled"
         raise WeightValueError(
-            f"Weight {key!r} overflows {value.dtype} (largest magnitude {peak:.4g}); it would "
-            "become inf. Rescale it, or compile with a wider dtype."
+            f"Weight {key!r} holds {what}; nothing was written. Refit with finite weights "
+            "(check the training step that produced them)."
         )
-    raise AssertionError("finite_flag refused values that no check names")
+    raise AssertionError("the finiteness check refused values that no check names")
 
 
 def _check_streamed(values: Values, state: RefitState) -> None:
-    """A reading pass over file weights that a narrowing cast could overflow; no write."""
+    """A reading pass over floating file weights (NaN, inf, a narrowing cast's overflow);
+    no write."""
     scratch: torch.Tensor | None = None
     for key, t in values.streamed.items():
         target = state.store[key].dtype
-        if not (t.dtype.is_floating_point and narrows(t.dtype, target)):
+        if not (t.dtype.is_floating_point and target.is_floating_point):
             continue
         scratch = torch.empty(buffer_bytes(), dtype=torch.uint8) if scratch is None else scratch
         peak = peak_magnitude(t, scratch)
-        limit = torch.finfo(target).max
-        if not peak <= limit and not (key in state.inf_allowed and peak == peak):
+        if peak != peak:
+            raise WeightValueError(f"Weight {key!r} in {t.path!r} holds NaN; nothing was written.")
+        if not peak <= torch.finfo(target).max and key not in state.inf_allowed:
             raise WeightValueError(
                 f"Weight {key!r} overflows {target} (largest magnitude {peak:.4g}); it would "
                 "become inf. Rescale it, or compile with a wider dtype."

@@ -122,3 +122,42 @@ def test_cuda_streamed_safetensors_refit(tmp_path, monkeypatch) -> None:
     torchrefit.refit_module_weights(compiled, path, in_place=True)
     x = (case.inputs()[0].cuda(),)
     assert_matches(compiled(*x), run_eager(b.cuda(), *x))
+
+
+@pytest.mark.parametrize("double_buffer", [False, True])
+def test_cuda_graphs_under_concurrent_refits_see_one_weight_set(double_buffer: bool) -> None:
+    """Refitters on a thread and stream of their own; every call's output is exactly the
+    output of weights A or of weights B, with CUDA graphs replayed (one per buffer)."""
+    import threading
+
+    case = CASES["conv_bn"]
+    a, b = case.build(0).cuda().half(), case.build(1).cuda().half()
+    x = tuple(t.cuda().half() for t in case.inputs())
+    compiled = torchrefit.compile(a, x, cuda_graphs=True, double_buffer=double_buffer)
+    refitters = (torchrefit.Refitter(compiled, a), torchrefit.Refitter(compiled, b))
+    refitters[0]()
+    out_a = compiled(*x)
+    refitters[1]()
+    out_b = compiled(*x)
+    assert_matches(out_b, run_eager(b, *x))
+    assert not torch.equal(out_a, out_b)
+    stop = threading.Event()
+
+    def refitting() -> None:
+        with torch.cuda.stream(torch.cuda.Stream()):
+            i = 0
+            while not stop.is_set():
+                refitters[i % 2]()
+                i += 1
+
+    worker = threading.Thread(target=refitting)
+    worker.start()
+    torn = 0
+    try:
+        for _ in range(2000):
+            y = compiled(*x)
+            torn += not (torch.equal(y, out_a) or torch.equal(y, out_b))
+    finally:
+        stop.set()
+        worker.join()
+    assert torn == 0, f"{torn} of 2000 calls computed with a mix of weights"

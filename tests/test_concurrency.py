@@ -115,7 +115,7 @@ def test_two_refitting_threads_leave_one_complete_weight_set(one_thread) -> None
         for _ in range(5):
             barrier = threading.Barrier(2)
 
-            def refit(weights, barrier=barrier):
+            def refit(weights, barrier=barrier, compiled=compiled):
                 barrier.wait()
                 for _ in range(30):
                     torchrefit.refit_module_weights(compiled, weights, in_place=True)

@@ -102,14 +102,24 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--switch-interval", type=float, default=None,
+        help="sys.setswitchinterval: Python hands the GIL between the two threads this often",
+    )
     args = parser.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     device, dtype = args.device, torch.float16 if args.device == "cuda" else torch.float32
     model = "tiny-bert" if args.quick else args.model
     a, b = build(model, 0, device, dtype), build(model, 1, device, dtype)
     x = inputs(model, device, dtype, 8 if not args.quick else 2)
     seconds = 0.5 if args.quick else args.seconds
     backend = "eager" if args.quick else "inductor"
-    results: dict[str, Any] = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "model": model}
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "model": model,
+        "switch_interval_s": sys.getswitchinterval(),
+    }
     with tempfile.TemporaryDirectory() as cache:
         for double_buffer in (False, True):
             compiled = torchrefit.compile(

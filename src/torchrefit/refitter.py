@@ -111,7 +111,8 @@ class _Graphs:
         # pinned host weights copied as they are cannot be read inside a graph: the CPU checks
         # them before each copy (a double-buffered module checks them after, on the device)
         self.on_host = {k: v for k, v in checked(self.values).items() if not v.is_cuda}
-        self.copies: dict[int, torch.cuda.CUDAGraph] = {}
+        # per target buffer: the copy plan (its tables must outlive the graph) and its graph
+        self.copies: dict[int, tuple[Callable[[], None], torch.cuda.CUDAGraph]] = {}
         logger.info("refit of %d constants captured as CUDA graphs", len(self.values.tensors))
 
     def _compute(self) -> tuple[Values, torch.Tensor]:
@@ -131,10 +132,10 @@ class _Graphs:
             torch.cuda.current_stream().synchronize()  # the caller may overwrite its host buffers
 
     def _replay_copy(self, store: WeightStore) -> None:
-        graph = self.copies.get(id(store))
-        if graph is None:
-            graph = self.copies[id(store)] = _captured(copy_plan(store, self.values.tensors))
-        graph.replay()
+        if id(store) not in self.copies:
+            plan = copy_plan(store, self.values.tensors)
+            self.copies[id(store)] = (plan, _captured(plan))
+        self.copies[id(store)][1].replay()
 
 
 def _captured(run: Callable[[], None]) -> torch.cuda.CUDAGraph:

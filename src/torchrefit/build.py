@@ -55,6 +55,7 @@ def build(
         root.register_buffer(attr, torch.empty(0), persistent=False)
     used = {k for child in root.children() for k in _constant_keys(child)} | set(output_constants.values())
     used |= _kept_sources(source, lowered)
+    used |= {m.target for m in lowered.mutations if m.kind == "buffer"}  # written after each call
     store = _initial_store(program, lowered, device, used, source_tensors(source))
     compiled = CompiledModule(root, top.graph)
     compiled._torchrefit = _refit_state(source, program, lowered, store, settings)
@@ -202,7 +203,7 @@ def _initial_store(
     for role in lowered.roles.values():
         if str(role.key) not in used:
             continue
-        if role.kind == "weight":
+        if role.kind in ("weight", "state"):
             values[str(role.key)] = tensors[str(role.key)]
         elif role.kind == "derived":
             values[str(role.key)] = derived[str(role.key)]
@@ -230,10 +231,13 @@ def _refit_state(
     settings: Settings,
 ) -> RefitState:
     specs = {s.fqn: s for s in weight_specs(source).values()}
+    state_keys = {m.target for m in lowered.mutations if m.kind == "buffer"}
     lineage: dict[str, Lineage] = {}
     for key in store.keys():
         if key in lowered.derived:
             lineage[key] = lowered.derived[key]
+        elif key in state_keys:
+            lineage[key] = Lineage("state", (key,), "a buffer the forward writes: kept across refits")
         else:
             same = specs[key].dtype == str(lowered.weight_dtypes[key]).removeprefix("torch.")
             lineage[key] = Lineage("identity" if same else "cast", (key,))
@@ -255,7 +259,16 @@ def _refit_state(
         guards=[_guard(n) for n in user_inputs],
         lowered_order=lowered.weight_order(),
         cast_inputs_to=settings.torch_dtype if program is not source else None,
+        mutations=_mutations(lowered),
     )
+
+
+def _mutations(lowered: LoweredProgram) -> list[tuple[str, str]]:
+    """("buffer", store key) or ("input", flat input index) per state write, in output order."""
+    return [
+        (m.kind, m.target if m.kind == "buffer" else str(lowered.roles[m.target].key))
+        for m in lowered.mutations
+    ]
 
 
 def _guard(node: fx.Node) -> InputGuard:

@@ -163,14 +163,49 @@ def weight_specs(ep: ExportedProgram) -> dict[str, WeightSpec]:
     return specs
 
 
-def check_outputs(ep: ExportedProgram) -> None:
-    """Inference engines compute outputs only: a forward that mutates state is refused."""
+@dataclass(frozen=True)
+class Mutation:
+    """One state write of the forward, as eager PyTorch does it: a buffer ("buffer", its
+    FQN) or a user input ("input", its placeholder name) takes the value of one output."""
+
+    kind: str
+    target: str
+
+    def to_json(self) -> list[str]:
+        return [self.kind, self.target]
+
+
+_MUTATIONS = {OutputKind.BUFFER_MUTATION: "buffer", OutputKind.USER_INPUT_MUTATION: "input"}
+
+
+def mutations(ep: ExportedProgram) -> list[Mutation]:
+    """The state writes of a decomposed program, in output order (they come first).
+
+    A forward may update its buffers (a running counter, a static cache) and its inputs in
+    place; anything else that writes state is refused here, at compile time, with the fix."""
+    found: list[Mutation] = []
     for spec in ep.graph_signature.output_specs:
-        if spec.kind != OutputKind.USER_OUTPUT:
+        if spec.kind == OutputKind.USER_OUTPUT:
+            continue
+        if spec.kind not in _MUTATIONS or spec.target is None:
             raise UnsupportedGraphError(
-                f"The exported forward mutates {spec.target!r} ({spec.kind.name}). Inference "
-                "engines do not write state: call model.eval() before compiling, or remove "
-                "the in-place update."
+                f"The exported forward writes {spec.target!r} ({spec.kind.name}), which "
+                "torchrefit does not compile (a parameter or a gradient). Remove the in-place "
+                "update, or call model.eval() before compiling."
+            )
+        found.append(Mutation(_MUTATIONS[spec.kind], str(spec.target)))
+    _refuse_training_batch_norm(ep, found)
+    return found
+
+
+def _refuse_training_batch_norm(ep: ExportedProgram, found: list[Mutation]) -> None:
+    for node in ep.graph.nodes:
+        if node.target is torch.ops.aten._native_batch_norm_legit_functional.default and node.args[5]:
+            buffers = [m.target for m in found if m.kind == "buffer"]
+            raise UnsupportedGraphError(
+                f"Batch norm {node.name!r} runs in training mode: every call would update its "
+                f"running statistics (buffers {buffers[:4]}) from the batch, which inference "
+                "engines do not do. Call model.eval() before compiling."
             )
 
 

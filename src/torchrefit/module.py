@@ -121,6 +121,7 @@ class RefitState:
     guard: Guard = field(default_factory=Guard)  # calls against commits; refits one at a time
     standby: WeightStore | None = None  # double_buffer: the bank refits write into, then flip to
     stale: set[str] = field(default_factory=set)  # standby constants behind the active ones
+    mutations: list[tuple[str, str]] = field(default_factory=list)  # state writes (first outputs)
 
 
 class CompiledModule(fx.GraphModule):
@@ -137,14 +138,15 @@ class CompiledModule(fx.GraphModule):
                 "torchrefit.load(path, weights=...) or refit_module_weights(module, weights, "
                 "in_place=True)."
             )
-        flat = _flatten(args, kwargs, state.in_spec)
-        flat = [_guard(i, x, g, state.cast_inputs_to) for i, (x, g) in enumerate(zip(flat, state.guards, strict=True))]
+        given = _flatten(args, kwargs, state.in_spec)
+        flat = [_guard(i, x, g, state.cast_inputs_to) for i, (x, g) in enumerate(zip(given, state.guards, strict=True))]
         with state.guard.reading(state.store.device):  # one complete weight set per call
             store = state.store
             if state.settings.cuda_graphs and _all_cuda(flat):
                 outputs = self._graphs(store).run(flat)
             else:
                 outputs = super().__call__(*flat)
+            outputs = _apply_mutations(list(outputs), state.mutations, store, given)
             owned = [_owned(y, store) for y in outputs]
         return pytree.tree_unflatten(owned, state.out_spec)
 
@@ -206,6 +208,20 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
     output = new.graph_copy(graph, {})
     new.output(output)
     return new
+
+
+def _apply_mutations(
+    outputs: list[Any], mutations: list[tuple[str, str]], store: WeightStore, given: list[Any]
+) -> list[Any]:
+    """Write the forward's state updates where eager PyTorch would: into the module's state
+    buffers (pointer-stable, in the store) and into the caller's input tensors. Returns the
+    user outputs."""
+    if not mutations:
+        return outputs
+    with torch.no_grad():
+        for (kind, target), value in zip(mutations, outputs, strict=False):
+            (store[target] if kind == "buffer" else given[int(target)]).copy_(value)
+    return outputs[len(mutations) :]
 
 
 def _all_cuda(flat: list[Any]) -> bool:

@@ -217,6 +217,7 @@ def _state_to_json(state: RefitState) -> dict[str, Any]:
         "cast_inputs_to": None if state.cast_inputs_to is None else dtype_name(state.cast_inputs_to),
         "output_constants": state.output_constants,
         "inf_allowed": sorted(state.inf_allowed),
+        "mutations": [list(m) for m in state.mutations],
     }
 
 
@@ -245,6 +246,7 @@ def _state_from_json(data: dict[str, Any], tensors: dict[str, torch.Tensor], str
         unset=set(stripped),
         output_constants=dict(data.get("output_constants", {})),
         inf_allowed=set(data.get("inf_allowed", [])),
+        mutations=[(str(k), str(t)) for k, t in data.get("mutations", [])],
     )
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
+from ..export import Mutation
 from ..settings import Settings
 from ..weights import WeightProgram
 
@@ -17,12 +18,14 @@ from ..weights import WeightProgram
 class Role:
     """What a placeholder of the lowered graph stands for."""
 
-    kind: str  # "input" (user input, by flat position), "weight" (source FQN), "derived"
+    kind: str  # "input" (user input, by flat position), "weight" (source FQN), "derived",
+    # or "state" (a buffer the forward writes: held in the store, never hoisted or refitted)
     key: str | int
 
     @property
     def is_weight(self) -> bool:
-        return self.kind in ("weight", "derived")
+        """Held in the weight store (weights, derived constants and state)."""
+        return self.kind in ("weight", "derived", "state")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class LoweredProgram:
     derived: dict[str, Lineage] = field(default_factory=dict)  # derived key -> lineage
     notes: dict[fx.Node, str] = field(default_factory=dict)  # node -> which pass made it
     names: dict[fx.Node, str] = field(default_factory=dict)  # node -> derived key it should get
+    mutations: list[Mutation] = field(default_factory=list)  # state writes: the first outputs
 
     def placeholders(self) -> list[fx.Node]:
         return [n for n in self.gm.graph.nodes if n.op == "placeholder"]

@@ -5,14 +5,15 @@ from __future__ import annotations
 import torch
 from torch.export import ExportedProgram
 
-from ..export import TRACING, check_outputs, weight_specs
+from ..export import TRACING, mutations, weight_specs
 from .context import LoweredProgram, Role
 
 
 def decompose(ep: ExportedProgram) -> LoweredProgram:
-    check_outputs(ep)
     with TRACING:
         ep = ep.run_decompositions(_decomposition_table())
+    writes = mutations(ep)  # after decomposition, which reveals them
+    state = {m.target for m in writes if m.kind == "buffer"}
     specs = weight_specs(ep)
     roles: dict[str, Role] = {}
     inputs = 0
@@ -20,12 +21,13 @@ def decompose(ep: ExportedProgram) -> LoweredProgram:
         if node.op != "placeholder":
             continue
         if node.name in specs:
-            roles[node.name] = Role("weight", specs[node.name].fqn)
+            fqn = specs[node.name].fqn
+            roles[node.name] = Role("state" if fqn in state else "weight", fqn)
         else:
             roles[node.name] = Role("input", inputs)
             inputs += 1
     dtypes = {s.fqn: node_dtype for s, node_dtype in _dtypes(ep, specs)}
-    return LoweredProgram(ep.graph_module, roles, dtypes)
+    return LoweredProgram(ep.graph_module, roles, dtypes, mutations=writes)
 
 
 def _dtypes(ep: ExportedProgram, specs: dict) -> list:

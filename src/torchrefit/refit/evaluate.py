@@ -45,7 +45,8 @@ def evaluate(matched: Matched, state: RefitState, keys: set[str] | None = None) 
     program = matched.weight_program
     inverse = {new: old for old, new in matched.rename.items()}
     needed = {inverse.get(name, name) for name in program.inputs}
-    wanted = [k for k in store.keys() if keys is None or k in keys]
+    # state the forward writes (a counter, a cache) is the module's own: refits keep it
+    wanted = [k for k in store.keys() if (keys is None or k in keys) and state.lineage[k].kind != "state"]
     streamed: dict[str, FileTensor] = {}
     cast: dict[str, torch.Tensor] = {}
     for fqn, source in matched.tensors.items():

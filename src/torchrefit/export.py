@@ -87,10 +87,24 @@ def export_model(
         with TRACING, torch.no_grad():
             return torch.export.export(model, args, kwargs or {}, strict=False)
     except Exception as exc:
-        raise ExportError(
-            f"torch.export could not export {type(model).__name__}: {exc}. Export it yourself "
-            "(torch.export.export) and pass the ExportedProgram, or fix the model."
-        ) from exc
+        raise ExportError(_export_failure(model, exc)) from exc
+
+
+def _export_failure(model: torch.nn.Module, exc: Exception) -> str:
+    """The export error in the user's terms, with the fix that works for its cause."""
+    text = str(exc)
+    name = type(model).__name__
+    if "Cache" in text and "not a known type" in text:
+        return (
+            f"{name} returns a transformers cache object (use_cache=True is transformers' "
+            "default), which a compiled engine cannot return. Compile the forward without "
+            "it: set model.config.use_cache = False before compiling, or pass "
+            "kwarg_inputs={'use_cache': False}."
+        )
+    return (
+        f"torch.export could not export {name}: {text}. Export it yourself "
+        "(torch.export.export) and pass the ExportedProgram, or fix the model."
+    )
 
 
 def engine_program(

@@ -62,6 +62,14 @@ class MutableModule(torch.nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name == "generate" and not self.__dict__.get("_warned_generate"):
+                self.__dict__["_warned_generate"] = True
+                warnings.warn(
+                    "MutableModule.generate runs the wrapped model's own generate, uncompiled "
+                    "(torchrefit does not compile KV-cache decoding yet); calls of the "
+                    "MutableModule itself run the compiled engines.",
+                    stacklevel=2,
+                )
             return getattr(self.__dict__["model"], name)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:

@@ -26,9 +26,9 @@ def target_name(target: Any) -> str:
     """A stable, resolvable name for a call_function target."""
     if isinstance(target, torch._ops.OpOverload):
         return f"torch.ops.{target}"
-    if getattr(operator, getattr(target, "__name__", ""), None) is target:
-        return f"operator.{target.__name__}"
     name = getattr(target, "__name__", "")
+    if getattr(operator, name, None) is target:
+        return f"operator.{name}"
     if name.startswith(("sym_", "_sym_")) and getattr(torch, name, None) is target:
         return f"torch.{name}"
     raise UnsupportedGraphError(

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import IO, Any
+from io import BufferedReader
+from typing import Any
 
 import torch
 
@@ -198,7 +199,7 @@ def _batched_copy(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> Callabl
 
 def _stream_into(store: WeightStore, streamed: dict[str, FileTensor], pending: set[str] | None = None) -> None:
     """Each file weight's bytes straight into its buffer in `store`, cast as copied."""
-    files: dict[str, IO[bytes]] = {}
+    files: dict[str, BufferedReader] = {}
     try:
         with _Chunks(store.device) as chunks:
             for key, t in streamed.items():
@@ -230,7 +231,7 @@ class _Chunks:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
 
-    def copy(self, f: IO[bytes], t: FileTensor, dst: torch.Tensor) -> None:
+    def copy(self, f: BufferedReader, t: FileTensor, dst: torch.Tensor) -> None:
         flat = dst.view(-1)
         with torch.no_grad():
             for first, chunk in chunks_of(f, t, self._next):

@@ -14,7 +14,8 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from io import BufferedReader
+from typing import Any
 
 import torch
 
@@ -92,7 +93,7 @@ def read_tensor(t: FileTensor) -> torch.Tensor:
     try:
         with open(t.path, "rb") as f:
             f.seek(t.begin)
-            if f.readinto(memoryview(out.numpy())) != out.numel():
+            if f.readinto(out.numpy().data) != out.numel():
                 raise ValueError("the file ends early")
     except (OSError, ValueError) as exc:
         raise unreadable(t.path, exc) from exc
@@ -104,7 +105,7 @@ def buffer_bytes() -> int:
 
 
 def chunks_of(
-    f: IO[bytes], t: FileTensor, buffer: Callable[[], torch.Tensor]
+    f: BufferedReader, t: FileTensor, buffer: Callable[[], torch.Tensor]
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(index of the first element, the elements) for each chunk of `t`, read into `buffer()`:
     a chunk is valid until the next one is read."""
@@ -114,7 +115,7 @@ def chunks_of(
         size = min(step, t.end - offset)
         raw = buffer()[:size]
         f.seek(offset)
-        if f.readinto(memoryview(raw.numpy())) != size:
+        if f.readinto(raw.numpy().data) != size:
             raise unreadable(t.path, ValueError("the file ends early"))
         yield (offset - t.begin) // item, raw.view(t.dtype)
 

@@ -106,3 +106,95 @@ def test_inductor_cache_hit(tmp_path) -> None:
     assert all(e.backend == "inductor" for e in module.engines().values())
     x = case.inputs()
     assert_matches(module(*x), run_eager(b, *x))
+
+
+# -- the cache is an optimization: its failures are warnings ------------------------------
+
+
+def _compile_mlp(cache_dir: str, seed: int = 0):
+    case = CASES["mlp"]
+    model = case.build(seed)
+    compiled = torchrefit.compile(model, case.inputs(), backend="eager", cache_dir=cache_dir)
+    x = case.inputs()
+    assert_matches(compiled(*x), run_eager(model, *x))
+    return compiled
+
+
+def test_an_unwritable_cache_dir_warns_and_compiles(tmp_path, monkeypatch, caplog) -> None:
+    import torchrefit.fileio as fileio
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", refused)
+    with caplog.at_level("WARNING", logger="torchrefit"):
+        _compile_mlp(str(tmp_path))
+    assert "could not store" in caplog.text
+    assert not _entries(tmp_path)
+
+
+def test_a_read_only_cache_still_serves_hits(tmp_path, monkeypatch) -> None:
+    _compile_mlp(str(tmp_path))
+    import torchrefit.cache as cache
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(cache.os, "utime", refused)
+    monkeypatch.setattr(cache.os, "remove", refused)
+    monkeypatch.setattr(compile_module, "lower", lambda *a, **k: (_ for _ in ()).throw(AssertionError("miss")))
+    _compile_mlp(str(tmp_path), seed=1)
+
+
+def test_a_cache_dir_that_cannot_be_made_warns_and_compiles(tmp_path, caplog) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with caplog.at_level("WARNING", logger="torchrefit"):
+        _compile_mlp(str(blocker / "cache"))
+    assert "unusable" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "garbage"])
+def test_a_bad_entry_warns_and_compiles(tmp_path, caplog, kind: str) -> None:
+    import threading
+
+    _compile_mlp(str(tmp_path))
+    (entry,) = _entries(tmp_path)
+    entry.unlink()
+    if kind == "directory":
+        entry.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(entry)
+    else:
+        entry.write_bytes(b"PK\x03\x04 not a zip at all")
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            _compile_mlp(str(tmp_path), seed=1)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        done.set()
+
+    with caplog.at_level("WARNING", logger="torchrefit"):
+        threading.Thread(target=run, daemon=True).start()
+        assert done.wait(60), "compile hung on the cache entry"
+    assert not errors, errors
+    assert "engine cache" in caplog.text
+
+
+def test_orphaned_temporaries_are_removed_and_home_is_expanded(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cache_dir = tmp_path / ".cache" / "torchrefit"
+    cache_dir.mkdir(parents=True)
+    orphan = cache_dir / ".abc.trf.x1y2.tmp"
+    orphan.write_bytes(b"half a file")
+    old = os.path.getmtime(orphan) - 2 * 3600
+    os.utime(orphan, (old, old))
+    fresh = cache_dir / ".def.trf.z3.tmp"  # a live writer's: kept
+    fresh.write_bytes(b"being written")
+    _compile_mlp("~/.cache/torchrefit")
+    assert len(_entries(cache_dir)) == 1
+    assert not orphan.exists() and fresh.exists()
+    assert not (Path.cwd() / "~").exists()

@@ -1,18 +1,23 @@
 """An engine cache on disk: the same structure compiles once, later compiles load and refit.
 
 Entries are weight-stripped files keyed by the structural fingerprint (which holds the
-engine-affecting settings), the torch version and the device. Writers write a temporary
-file and rename it, so concurrent writers never leave a torn entry; a corrupted entry is
-dropped and rebuilt. The cache keeps its total size under a bound, evicting the least
-recently used entries.
+engine-affecting settings), the torch version and the device. Entries are written
+atomically (a temporary file renamed over the entry), so concurrent writers never leave a
+torn one. The cache is only ever an optimization: any failure of its own (an unwritable or
+full directory, a corrupt entry, a directory or FIFO where an entry should be) logs one
+warning and the compile goes on; a corrupt entry is dropped and rebuilt. The total size
+stays under a bound, evicting the least recently used entries; orphaned temporaries of
+killed writers are removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
-import tempfile
+import stat
+import time
 from typing import Any
 
 import torch
@@ -25,6 +30,7 @@ from .settings import Settings
 logger = logging.getLogger("torchrefit")
 
 DEFAULT_MAX_BYTES = 4 << 30
+ORPHAN_SECONDS = 3600  # a temporary this old belongs to no live writer
 
 
 def cache_key(fingerprint: str, device: torch.device) -> str:
@@ -41,14 +47,20 @@ class EngineCache:
         self.directory = directory
         self.key = key
         self.max_bytes = max_bytes
-        os.makedirs(directory, exist_ok=True)
 
     @classmethod
     def open(cls, settings: Settings, fingerprint: str, device: torch.device) -> EngineCache | None:
-        """The entry for this structure, or None when `settings` name no cache."""
+        """The entry for this structure, or None when `settings` name no cache or the
+        directory cannot be made (a warning: the compile goes on)."""
         if settings.cache_dir is None:
             return None
-        return cls(settings.cache_dir, cache_key(fingerprint, device), settings.cache_max_bytes)
+        directory = os.path.expanduser(settings.cache_dir)
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            logger.warning("engine cache %s is unusable (%s); compiling without it", directory, exc)
+            return None
+        return cls(directory, cache_key(fingerprint, device), settings.cache_max_bytes)
 
     @property
     def path(self) -> str:
@@ -57,7 +69,15 @@ class EngineCache:
     def load(self, weights: Any) -> CompiledModule | None:
         """The cached module refitted with `weights`, or None on a miss or a bad entry."""
         path = self.path
-        if not os.path.exists(path):
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            logger.warning("engine cache entry %s is unreadable (%s); compiling again", path, exc)
+            return None
+        if not stat.S_ISREG(mode):  # never open a FIFO, socket, device or directory
+            logger.warning("engine cache entry %s is not a regular file; compiling again", path)
             return None
         try:
             module = refit_module_weights(load(path), weights, in_place=True)
@@ -65,31 +85,38 @@ class EngineCache:
             logger.warning("engine cache entry %s is unusable (%s); compiling again", path, exc)
             _remove(path)
             return None
-        os.utime(path)  # recently used
+        with contextlib.suppress(OSError):  # a read-only cache still serves hits
+            os.utime(path)  # recently used
         logger.info("engine cache hit: %s", path)
         self._evict()
         return module
 
     def store(self, module: CompiledModule) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        os.close(fd)
+        """Write the entry (atomically); a failure is a warning."""
         try:
-            save(module, tmp, include_weights=False)
-            os.replace(tmp, self.path)  # atomic: readers see the old entry or the new one
-        finally:
-            _remove(tmp)
+            save(module, self.path, include_weights=False)
+        except Exception as exc:  # noqa: BLE001 - the cache is an optimization
+            logger.warning("engine cache: could not store %s (%s); compiled module unaffected", self.path, exc)
+            return
         self._evict()
 
     def _evict(self) -> None:
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
         entries = []
-        for name in os.listdir(self.directory):
-            if name.endswith(".trf"):
-                path = os.path.join(self.directory, name)
-                try:
-                    stat = os.stat(path)
-                except FileNotFoundError:
-                    continue
-                entries.append((stat.st_mtime, stat.st_size, path))
+        now = time.time()
+        for name in names:
+            path = os.path.join(self.directory, name)
+            try:
+                info = os.lstat(path)
+            except OSError:
+                continue
+            if name.startswith(".") and name.endswith(".tmp") and now - info.st_mtime > ORPHAN_SECONDS:
+                _remove(path)  # a writer killed midway left it
+            elif name.endswith(".trf") and stat.S_ISREG(info.st_mode):
+                entries.append((info.st_mtime, info.st_size, path))
         total = sum(size for _, size, _ in entries)
         for _, size, path in sorted(entries):
             if total <= self.max_bytes:
@@ -100,7 +127,5 @@ class EngineCache:
 
 
 def _remove(path: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.remove(path)
-    except FileNotFoundError:
-        pass

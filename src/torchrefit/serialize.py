@@ -13,14 +13,17 @@ import json
 import re
 import sys
 import zipfile
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import torch.utils._pytree as pytree
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from .engine import get_backend
 from .errors import SerializationError
 from .export import WeightSpec, dtype_name, parse_dtype
+from .fileio import atomic_write
 from .graph_io import graph_from_json, graph_to_json
 from .lower.context import Lineage
 from .module import CompiledModule, Engine, Fallback, InputGuard, RefitState, make_fallback
@@ -52,14 +55,18 @@ def save(module: CompiledModule, path: str, include_weights: bool = True) -> Non
         "state": _state_to_json(state),
         "stripped": sorted(stripped),
     }
-    from safetensors.torch import save as save_tensors
+    with state.guard.refit:  # one complete weight set, even while another thread refits
+        kept = {k: t.detach().to("cpu", copy=True) for k, t in state.store.tensors.items() if k not in stripped}
+    weights = save_tensors(kept)
 
-    kept = {k: t.detach().to("cpu", copy=True) for k, t in state.store.tensors.items() if k not in stripped}
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
-        archive.writestr("metadata.json", json.dumps(metadata, indent=1))
-        archive.writestr("weights.safetensors", save_tensors(kept))
-        for name, data in artifacts.items():
-            archive.writestr(f"engines/{name}.bin", data)
+    def write(f: BinaryIO) -> None:
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as archive:
+            archive.writestr("metadata.json", json.dumps(metadata, indent=1))
+            archive.writestr("weights.safetensors", weights)
+            for name, data in artifacts.items():
+                archive.writestr(f"engines/{name}.bin", data)
+
+    atomic_write(path, write)  # a kill or a full disk leaves the old file whole
 
 
 def stripped_keys(state: RefitState) -> set[str]:
@@ -97,8 +104,6 @@ def load(path: str) -> CompiledModule:
 
 
 def _read_weights(archive: zipfile.ZipFile, path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load as load_tensors
-
     try:
         return load_tensors(archive.read("weights.safetensors"))
     except Exception as exc:

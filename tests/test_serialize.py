@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import copy
 import json
 import zipfile
@@ -41,13 +42,24 @@ def saved_and_loaded(module: CompiledModule, path: Path) -> CompiledModule:
     return loaded
 
 
-def rewrite_zip(src: Path, dst: Path, change: Callable[[str, bytes], bytes | None]) -> None:
-    """Copy the zip `src` to `dst`, passing every member's bytes through `change` (None drops it)."""
-    with zipfile.ZipFile(src) as old, zipfile.ZipFile(dst, "w") as new:
+def rewrite_zip(
+    src: Path, dst: Path, change: Callable[[str, bytes], bytes | None], checksums: bool = True
+) -> None:
+    """Copy the zip `src` to `dst`, passing every member's bytes through `change` (None drops
+    it). `checksums`: recompute checksums.json as a hostile author would, so the checks
+    behind the checksums are what the test reaches."""
+    members: dict[str, bytes] = {}
+    with zipfile.ZipFile(src) as old:
         for info in old.infolist():
             data = change(info.filename, old.read(info.filename))
             if data is not None:
-                new.writestr(info.filename, data)
+                members[info.filename] = data
+    if checksums and "checksums.json" in members:
+        sums = {n: hashlib.sha256(d).hexdigest() for n, d in members.items() if n != "checksums.json"}
+        members["checksums.json"] = json.dumps(sums).encode()
+    with zipfile.ZipFile(dst, "w") as new:
+        for name, data in members.items():
+            new.writestr(name, data)
 
 
 def _images() -> tuple[torch.Tensor, ...]:
@@ -253,6 +265,22 @@ def test_malformed_members_are_refused(case, saved_mlp, tmp_path):
     with pytest.raises(SerializationError) as info:
         torchrefit.load(str(broken))
     assert named in str(info.value)
+
+
+@pytest.mark.parametrize("member", ["metadata.json", "weights.safetensors", "engines/_engine_0.bin"])
+def test_a_corrupted_member_fails_its_checksum(member, saved_mlp, tmp_path):
+    """A flipped byte anywhere (even one that leaves the file parseable) is caught."""
+
+    def flip(name: str, data: bytes) -> bytes:
+        if name != member:
+            return data
+        middle = len(data) // 2
+        return data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1 :]
+
+    broken = tmp_path / "broken.trf"
+    rewrite_zip(saved_mlp, broken, flip, checksums=False)
+    with pytest.raises(SerializationError, match="SHA-256"):
+        torchrefit.load(str(broken))
 
 
 # -- loading runs no pickle ---------------------------------------------------------------

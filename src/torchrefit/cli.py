@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -16,10 +17,10 @@ import torch
 
 from .api import load, save
 from .compile import compile as compile_model
-from .errors import TorchRefitError
+from .errors import SerializationError, TorchRefitError
 from .refit import refit_module_weights
 from .refit.files import index_safetensors, read_tensor
-from .serialize import open_file
+from .serialize import MALFORMED, open_file
 from .settings import Settings
 
 
@@ -29,9 +30,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except TorchRefitError as exc:
-        print(f"torchrefit: error: {exc}", file=sys.stderr)
+        print(f"torchrefit: error: {_one_line(str(exc))}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback (TORCHREFIT_DEBUG=1 shows it)
+        if os.environ.get("TORCHREFIT_DEBUG") == "1":
+            raise
+        print(f"torchrefit: error: {type(exc).__name__}: {_one_line(str(exc))} "
+              "(TORCHREFIT_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
     return 0
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,6 +104,15 @@ def _inspect(args: argparse.Namespace) -> None:
 
 def inspect_file(path: str) -> dict[str, Any]:
     """What a file holds, from its JSON metadata alone: no engine is loaded, nothing runs."""
+    try:
+        return _summary(path)
+    except SerializationError:
+        raise
+    except MALFORMED as exc:
+        raise SerializationError(f"{path!r} is malformed ({type(exc).__name__}: {str(exc)[:200]}).") from exc
+
+
+def _summary(path: str) -> dict[str, Any]:
     archive, metadata = open_file(path)
     with archive:
         sizes = {i.filename: i.file_size for i in archive.infolist()}

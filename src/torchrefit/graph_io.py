@@ -1,12 +1,15 @@
 """fx graphs of aten ops as JSON data, and back, without running or unpickling code.
 
-Targets resolve only to `torch.ops.*` overloads, functions of the `operator` module and
-`torch.sym_*` functions; anything else is refused.
+Names are validated plain identifiers (fx pastes them into the code it generates), and
+targets resolve only to aten and prims op overloads, arithmetic functions of `operator` and
+`torch.sym_*` functions; anything else is refused before any code is generated.
 """
 
 from __future__ import annotations
 
+import keyword
 import operator
+import re
 from typing import Any
 
 import torch
@@ -20,33 +23,80 @@ _ENUMS: dict[str, type] = {
     "layout": torch.layout,
     "memory_format": torch.memory_format,
 }
+_OPS = ("placeholder", "output", "call_function", "call_module", "get_attr")
+
+# The pure functions a stored graph may call besides torch.ops overloads: never attrgetter,
+# methodcaller, call or anything else that reaches further.
+OPERATOR_TARGETS = frozenset({
+    "getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs",
+    "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "xor", "not_", "invert", "lshift",
+    "rshift", "matmul", "truth",
+})
+SYM_TARGETS = frozenset({
+    "sym_float", "sym_int", "sym_ite", "sym_max", "sym_min", "sym_not", "sym_sqrt", "sym_sum",
+})
+OP_NAMESPACES = frozenset({"aten", "prims"})
+MAX_DEPTH = 32  # nesting of stored arguments
+MAX_NODES = 1_000_000
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
+
+
+def check_name(name: Any, what: str = "node name") -> str:
+    """A stored name becomes an identifier in code fx generates: only plain identifiers
+    (no keywords, no dunders) are taken, so no stored string can become code."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or keyword.iskeyword(name) or name.startswith("__"):
+        raise UnsupportedGraphError(
+            f"Stored graph has the {what} {name!r}, which is not a plain identifier; the file "
+            "was changed or corrupted. Save the module again."
+        )
+    return name
+
+
+def check_attribute(target: Any) -> str:
+    """A get_attr or call_module target: dotted plain identifiers."""
+    if not isinstance(target, str):
+        check_name(target, "attribute")
+    for part in str(target).split("."):
+        check_name(part, "attribute")
+    return str(target)
 
 
 def target_name(target: Any) -> str:
     """A stable, resolvable name for a call_function target."""
     if isinstance(target, torch._ops.OpOverload):
-        return f"torch.ops.{target}"
+        name = f"torch.ops.{target}"
+        resolve_target(name)  # what save writes, load takes
+        return name
     name = getattr(target, "__name__", "")
-    if getattr(operator, name, None) is target:
+    if name in OPERATOR_TARGETS and getattr(operator, name, None) is target:
         return f"operator.{name}"
-    if name.startswith(("sym_", "_sym_")) and getattr(torch, name, None) is target:
+    if name in SYM_TARGETS and getattr(torch, name, None) is target:
         return f"torch.{name}"
     raise UnsupportedGraphError(
-        f"Graph call target {target!r} is not an aten op, an operator function or a "
+        f"Graph call target {target!r} is not an aten op, an arithmetic operator or a "
         "torch.sym_* function, so it cannot be stored as data. Keep such code out of the "
         "exported model, or compile without saving."
     )
 
 
-def resolve_target(name: str) -> Any:
-    if name.startswith("torch.ops."):
-        namespace, op, overload = name.removeprefix("torch.ops.").split(".")
-        return getattr(getattr(getattr(torch.ops, namespace), op), overload)
-    if name.startswith("operator."):
-        return getattr(operator, name.removeprefix("operator."))
-    if name.startswith("torch.") and name.removeprefix("torch.").lstrip("_").startswith("sym_"):
+def resolve_target(name: Any) -> Any:
+    """The function a stored target names, from the allow-list only."""
+    if isinstance(name, str) and name.startswith("torch.ops."):
+        parts = name.removeprefix("torch.ops.").split(".")
+        if len(parts) == 3 and parts[0] in OP_NAMESPACES and all(_NAME.fullmatch(p) for p in parts):
+            packet = getattr(getattr(torch.ops, parts[0]), parts[1], None)
+            overload = getattr(packet, parts[2], None) if packet is not None else None
+            if isinstance(overload, torch._ops.OpOverload):
+                return overload
+    elif isinstance(name, str) and name.startswith("operator."):
+        if name.removeprefix("operator.") in OPERATOR_TARGETS:
+            return getattr(operator, name.removeprefix("operator."))
+    elif isinstance(name, str) and name.removeprefix("torch.") in SYM_TARGETS:
         return getattr(torch, name.removeprefix("torch."))
-    raise UnsupportedGraphError(f"Stored graph names the call target {name!r}, which is refused.")
+    raise UnsupportedGraphError(
+        f"Stored graph names the call target {name!r}, which is refused: only aten and prims "
+        "op overloads, arithmetic operators and torch.sym_* functions are taken."
+    )
 
 
 def encode_arg(arg: Any) -> Any:
@@ -68,57 +118,90 @@ def encode_arg(arg: Any) -> Any:
     )
 
 
-def decode_arg(data: Any, env: dict[str, fx.Node]) -> Any:
+def decode_arg(data: Any, env: dict[str, fx.Node], depth: int = 0) -> Any:
     if isinstance(data, _SCALARS):
         return data
+    if depth > MAX_DEPTH:
+        raise UnsupportedGraphError(f"Stored graph nests arguments deeper than {MAX_DEPTH}.")
+    if not isinstance(data, dict) or len(data) != 1:
+        raise UnsupportedGraphError(f"Stored graph holds a malformed argument {str(data)[:80]!r}.")
     ((kind, value),) = data.items()
     if kind == "node":
+        if not isinstance(value, str) or value not in env:
+            raise UnsupportedGraphError(f"Stored graph refers to {str(value)[:80]!r}, no earlier node.")
         return env[value]
-    if kind in ("list", "tuple"):
-        items = [decode_arg(v, env) for v in value]
+    if kind in ("list", "tuple") and isinstance(value, list):
+        items = [decode_arg(v, env, depth + 1) for v in value]
         return items if kind == "list" else tuple(items)
-    if kind == "device":
-        return torch.device(value)
-    if kind in _ENUMS:
+    if kind == "device" and isinstance(value, str):
+        try:
+            return torch.device(value)
+        except (RuntimeError, ValueError) as exc:
+            raise UnsupportedGraphError(f"Stored graph names an unknown device {value[:80]!r}.") from exc
+    if kind in _ENUMS and isinstance(value, str) and _NAME.fullmatch(value):
         result = getattr(torch, value, None)
-        if not isinstance(result, _ENUMS[kind]):
-            raise UnsupportedGraphError(f"Stored graph names an unknown {kind} {value!r}.")
-        return result
-    if kind == "slice":
-        return slice(*(decode_arg(v, env) for v in value))
-    raise UnsupportedGraphError(f"Stored graph holds an argument of unknown kind {kind!r}.")
+        if isinstance(result, _ENUMS[kind]):
+            return result
+    if kind == "slice" and isinstance(value, list) and len(value) == 3:
+        return slice(*(decode_arg(v, env, depth + 1) for v in value))
+    raise UnsupportedGraphError(f"Stored graph holds an argument of unknown kind {str(kind)[:40]!r}.")
 
 
 def graph_to_json(graph: fx.Graph) -> list[dict[str, Any]]:
     nodes = []
     for node in graph.nodes:
-        entry: dict[str, Any] = {"name": node.name, "op": node.op}
+        entry: dict[str, Any] = {"name": check_name(node.name), "op": node.op}
         if node.op == "call_function":
             entry["target"] = target_name(node.target)
         elif node.op in ("call_module", "get_attr"):
-            entry["target"] = node.target
+            entry["target"] = check_attribute(node.target)
+        elif node.op == "placeholder" and node.target != node.name:
+            check_name(node.target, "placeholder")
         entry["args"] = encode_arg(tuple(node.args))
-        entry["kwargs"] = {k: encode_arg(v) for k, v in node.kwargs.items()}
+        entry["kwargs"] = {check_name(k, "keyword"): encode_arg(v) for k, v in node.kwargs.items()}
         nodes.append(entry)
     return nodes
 
 
-def graph_from_json(nodes: list[dict[str, Any]]) -> fx.Graph:
+def graph_from_json(nodes: Any) -> fx.Graph:
+    """The graph, built only from validated names and allow-listed targets: no stored string
+    reaches generated code unchecked. Anything malformed raises UnsupportedGraphError."""
+    if not isinstance(nodes, list) or len(nodes) > MAX_NODES:
+        raise UnsupportedGraphError("Stored graph is not a list of nodes.")
     graph = fx.Graph()
     env: dict[str, fx.Node] = {}
-    for entry in nodes:
-        op = entry["op"]
-        args = decode_arg(entry["args"], env)
-        kwargs = {k: decode_arg(v, env) for k, v in entry["kwargs"].items()}
-        if op not in ("placeholder", "output", "call_function", "call_module", "get_attr"):
-            raise UnsupportedGraphError(f"Stored graph holds a node of unknown op {op!r}.")
-        if op == "call_function":
-            target: Any = resolve_target(entry["target"])
-        elif op in ("placeholder", "output"):
-            target = entry["name"] if op == "placeholder" else "output"
-        else:
-            target = entry["target"]
-        node = graph.create_node(op, target, args, kwargs, name=entry["name"])
-        env[entry["name"]] = node
-    graph.lint()
+    for index, entry in enumerate(nodes):
+        node = _node_from_json(graph, env, entry, index)
+        env[node.name] = node
+    try:
+        graph.lint()
+    except Exception as exc:  # noqa: BLE001 - fx's lint raises several types
+        raise UnsupportedGraphError(f"Stored graph is inconsistent ({exc}).") from exc
     return graph
+
+
+def _node_from_json(graph: fx.Graph, env: dict[str, fx.Node], entry: Any, index: int) -> fx.Node:
+    if not isinstance(entry, dict) or not isinstance(entry.get("kwargs", {}), dict):
+        raise UnsupportedGraphError(f"Stored graph node {index} is malformed.")
+    op, name = entry.get("op"), check_name(entry.get("name"))
+    if op not in _OPS:
+        raise UnsupportedGraphError(f"Stored graph node {name!r} has unknown op {str(op)[:40]!r}.")
+    if name in env:
+        raise UnsupportedGraphError(f"Stored graph names two nodes {name!r}.")
+    args = decode_arg(entry.get("args", {"tuple": []}), env)
+    if not isinstance(args, tuple):
+        raise UnsupportedGraphError(f"Stored graph node {name!r} has malformed arguments.")
+    kwargs = {check_name(k, "keyword"): decode_arg(v, env) for k, v in entry.get("kwargs", {}).items()}
+    target: Any
+    if op == "call_function":
+        target = resolve_target(entry.get("target"))
+    elif op == "placeholder":
+        target = name
+    elif op == "output":
+        target = "output"
+    else:
+        target = check_attribute(entry.get("target"))
+    node = graph.create_node(op, target, args, kwargs, name=name)
+    if node.name != name:  # fx renamed it (a clash with a builtin): references would break
+        raise UnsupportedGraphError(f"Stored graph node name {name!r} is reserved.")
+    return node

@@ -10,12 +10,16 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
+import os
 import re
 import sys
 import zipfile
+import zlib
 from typing import Any, BinaryIO
 
 import torch
+import torch.fx as fx
 import torch.utils._pytree as pytree
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
@@ -24,14 +28,15 @@ from .engine import get_backend
 from .errors import SerializationError
 from .export import WeightSpec, dtype_name, parse_dtype
 from .fileio import atomic_write
-from .graph_io import graph_from_json, graph_to_json
+from .graph_io import check_name, graph_from_json, graph_to_json
 from .lower.context import Lineage
 from .module import CompiledModule, Engine, Fallback, InputGuard, RefitState, make_fallback
-from .settings import Settings
+from .settings import BACKENDS, Settings
 from .weights import WeightProgram, WeightStore
 
 FORMAT = "torchrefit"
 VERSION = 1
+CHECKSUMS = "checksums.json"  # member -> SHA-256; detects corruption (a hash in the file cannot detect tampering)
 
 
 def save(module: CompiledModule, path: str, include_weights: bool = True) -> None:
@@ -59,12 +64,15 @@ def save(module: CompiledModule, path: str, include_weights: bool = True) -> Non
         kept = {k: t.detach().to("cpu", copy=True) for k, t in state.store.tensors.items() if k not in stripped}
     weights = save_tensors(kept)
 
+    members = {"metadata.json": json.dumps(metadata, indent=1).encode(), "weights.safetensors": weights}
+    members.update({f"engines/{name}.bin": data for name, data in artifacts.items()})
+    sums = {name: hashlib.sha256(data).hexdigest() for name, data in members.items()}
+
     def write(f: BinaryIO) -> None:
         with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as archive:
-            archive.writestr("metadata.json", json.dumps(metadata, indent=1))
-            archive.writestr("weights.safetensors", weights)
-            for name, data in artifacts.items():
-                archive.writestr(f"engines/{name}.bin", data)
+            for name, data in members.items():
+                archive.writestr(name, data)
+            archive.writestr(CHECKSUMS, json.dumps(sums, indent=1))
 
     atomic_write(path, write)  # a kill or a full disk leaves the old file whole
 
@@ -78,45 +86,116 @@ def stripped_keys(state: RefitState) -> set[str]:
     return {k for k, lineage in state.lineage.items() if persistent & set(lineage.sources)}
 
 
+# What a file that is corrupt or hostile can raise while being parsed: all become
+# SerializationError naming the file.
+MALFORMED = (
+    KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError, RuntimeError,
+    OverflowError, EOFError, NotImplementedError, OSError, zipfile.BadZipFile, zlib.error,
+)
+MAX_METADATA_BYTES = 256 << 20
+DERIVED_GROWTH = 64  # a derived constant holds at most this many times its sources' elements
+
+
 def load(path: str) -> CompiledModule:
     """Read a file written by `save`. A module saved without weights refuses to run until a
     refit supplies them (`torchrefit.load(path, weights=...)` does both)."""
+    try:
+        return _load(path)
+    except SerializationError:
+        raise
+    except MALFORMED as exc:
+        raise SerializationError(
+            f"{path!r} is incomplete or malformed ({type(exc).__name__}: {str(exc)[:200]}). "
+            "Save the module again."
+        ) from exc
+
+
+def _load(path: str) -> CompiledModule:
     archive, metadata = open_file(path)
     with archive:
-        try:
-            stripped = set(metadata.get("stripped", []))
-            state = _state_from_json(metadata["state"], _read_weights(archive, path), stripped)
-            root = torch.nn.Module()
-            for attr in state.output_constants:
-                root.register_buffer(attr, torch.empty(0), persistent=False)
-            for child in metadata["children"]:
-                root.add_module(child["name"], _child_from_json(child, archive, state.settings, path))
-            graph = graph_from_json(metadata["graph"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SerializationError(
-                f"{path!r} is incomplete or malformed ({type(exc).__name__}: {exc}). Save the "
-                "module again."
-            ) from exc
+        stripped = set(metadata.get("stripped", []))
+        weights = {} if _all_stripped(metadata, stripped) else _read_weights(archive, path, metadata)
+        state = _state_from_json(metadata["state"], weights, stripped)
+        root = torch.nn.Module()
+        for attr in state.output_constants:
+            root.register_buffer(check_name(attr, "attribute"), torch.empty(0), persistent=False)
+        for child in metadata["children"]:
+            root.add_module(check_name(child["name"], "child"), _child_from_json(child, archive, state, path))
+        graph = graph_from_json(metadata["graph"])
+    _check_references(graph, root, path)
     compiled = CompiledModule(root, graph)
     compiled._torchrefit = state
     compiled.bind(state.store)
     return compiled
 
 
-def _read_weights(archive: zipfile.ZipFile, path: str) -> dict[str, torch.Tensor]:
+def _all_stripped(metadata: dict[str, Any], stripped: set[str]) -> bool:
+    return set(metadata["state"]["store"]) <= stripped
+
+
+def _check_references(graph: fx.Graph, root: torch.nn.Module, path: str) -> None:
+    """Every module and attribute the top graph names exists (else it would fail when called)."""
+    children = dict(root.named_children())
+    buffers = dict(root.named_buffers())
+    for node in graph.nodes:
+        if (node.op == "call_module" and node.target not in children) or (
+            node.op == "get_attr" and node.target not in buffers
+        ):
+            raise SerializationError(f"{path!r}: the graph names {node.target!r}, which the file lacks.")
+
+
+def _member(archive: zipfile.ZipFile, name: str, path: str, limit: int | None = None) -> bytes:
+    """One member's bytes, stored uncompressed (save never compresses): what is read is
+    what the file holds, so a small file cannot expand into a large allocation."""
+    info = archive.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED or info.file_size > os.path.getsize(path):
+        raise SerializationError(f"{path!r}: member {name!r} is compressed or larger than the file.")
+    if limit is not None and info.file_size > limit:
+        raise SerializationError(f"{path!r}: member {name!r} is {info.file_size} bytes, over {limit}.")
+    data = archive.read(info)
+    expected = _checksums(archive, path).get(name)
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise SerializationError(
+            f"{path!r}: {name!r} does not match its SHA-256; the file was changed or corrupted. "
+            "Save the module again."
+        )
+    return data
+
+
+def _checksums(archive: zipfile.ZipFile, path: str) -> dict[str, str]:
+    """SHA-256 of each member, written by save (they detect corruption, not tampering)."""
+    if CHECKSUMS not in archive.namelist():
+        return {}
+    info = archive.getinfo(CHECKSUMS)
+    if info.compress_type != zipfile.ZIP_STORED or info.file_size > 1 << 20:
+        raise SerializationError(f"{path!r}: {CHECKSUMS!r} is malformed.")
+    sums = json.loads(archive.read(info))
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise SerializationError(f"{path!r}: {CHECKSUMS!r} is malformed.")
+    return sums
+
+
+def _read_weights(archive: zipfile.ZipFile, path: str, metadata: dict[str, Any]) -> dict[str, torch.Tensor]:
+    data = _member(archive, "weights.safetensors", path)
     try:
-        return load_tensors(archive.read("weights.safetensors"))
-    except Exception as exc:
+        return load_tensors(data)
+    except Exception as exc:  # noqa: BLE001 - the safetensors parser's own errors
         raise SerializationError(
             f"{path!r} holds no readable weights.safetensors ({exc}). Save the module again."
         ) from exc
 
 
 def _placeholder(spec: dict[str, Any]) -> torch.Tensor:
-    """Room for a stripped weight; NaN, so that nothing could ever compute with it unnoticed."""
-    dtype = parse_dtype(spec["dtype"])
-    empty = torch.empty(spec["shape"], dtype=dtype, device=spec["device"])
-    return empty.fill_(float("nan")) if empty.is_floating_point() else empty.zero_()
+    """Room for a stripped weight, not written: the module refuses to run until a refit
+    fills it, and untouched host memory costs no physical pages."""
+    return torch.empty(_shape(spec), dtype=parse_dtype(spec["dtype"]), device=torch.device(spec["device"]))
+
+
+def _shape(spec: dict[str, Any]) -> list[int]:
+    shape = spec["shape"]
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 1 << 40 for d in shape):
+        raise SerializationError(f"A stored shape {str(shape)[:80]} is not a list of sizes.")
+    return shape
 
 
 def _checked_tensor(key: str, spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -129,7 +208,27 @@ def _checked_tensor(key: str, spec: dict[str, Any], tensors: dict[str, torch.Ten
             f"metadata records {spec['dtype']}{spec['shape']}. The file was changed or "
             "corrupted; save the module again."
         )
-    return tensor
+    return tensor.to(torch.device(spec["device"]))
+
+
+def _check_store_specs(data: dict[str, Any], specs: dict[str, WeightSpec], lineage: dict[str, Lineage]) -> None:
+    """Recorded constant shapes agree with the weights they come from, before anything is
+    allocated: an edited shape cannot make a small file allocate terabytes."""
+    for key, spec in data["store"].items():
+        shape = _shape(spec)
+        origin = lineage[key]
+        sources = [specs[s] for s in origin.sources]
+        if origin.kind in ("identity", "cast", "state"):
+            if [list(s.shape) for s in sources] != [shape]:
+                raise SerializationError(
+                    f"Engine constant {key!r} is recorded as {shape}; its weight is "
+                    f"{[list(s.shape) for s in sources]}. The file was changed or corrupted."
+                )
+        elif math.prod(shape) > DERIVED_GROWTH * sum(math.prod(s.shape) for s in sources) + (1 << 20):
+            raise SerializationError(
+                f"Derived constant {key!r} is recorded as {shape}, far larger than its sources "
+                f"{[s.fqn for s in sources]}. The file was changed or corrupted."
+            )
 
 
 def _children_to_json(module: CompiledModule) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
@@ -157,10 +256,21 @@ def _children_to_json(module: CompiledModule) -> tuple[list[dict[str, Any]], dic
     return children, artifacts
 
 
-def _child_from_json(data: dict[str, Any], archive: zipfile.ZipFile, settings: Settings, path: str):
+def _child_from_json(data: dict[str, Any], archive: zipfile.ZipFile, state: RefitState, path: str) -> torch.nn.Module:
+    keys = list(data["constant_keys"])
+    unknown = [k for k in keys if not isinstance(k, str) or k not in state.store.tensors]
+    if unknown:
+        raise SerializationError(f"{path!r}: child {data['name']!r} names constants {unknown[:3]} the file lacks.")
     if data["kind"] == "fallback":
-        return make_fallback(graph_from_json(data["graph"]), list(data["constant_keys"]))
-    artifact = archive.read(f"engines/{data['name']}.bin")
+        graph = graph_from_json(data["graph"])
+        allowed = {f"_w{i}" for i in range(len(keys))}
+        if any(n.op in ("get_attr", "call_module") and n.target not in allowed for n in graph.nodes):
+            raise SerializationError(f"{path!r}: fallback {data['name']!r} reads attributes it does not hold.")
+        return make_fallback(graph, keys)
+    if data["kind"] != "engine" or data["backend"] not in BACKENDS:
+        raise SerializationError(f"{path!r}: child {data['name']!r} is of unknown kind or backend.")
+    settings = state.settings
+    artifact = _member(archive, f"engines/{data['name']}.bin", path)
     digest = hashlib.sha256(artifact).hexdigest()
     if digest != data["sha256"]:
         raise SerializationError(
@@ -169,28 +279,27 @@ def _child_from_json(data: dict[str, Any], archive: zipfile.ZipFile, settings: S
             "so torchrefit refuses to load it. Save the module again from its source."
         )
     runner = get_backend(data["backend"], dict(settings.inductor_options)).load(artifact)
-    return Engine(data["backend"], runner, list(data["constant_keys"]), data["single_output"], artifact)
+    return Engine(data["backend"], runner, keys, bool(data["single_output"]), artifact)
 
 
 def open_file(path: str) -> tuple[zipfile.ZipFile, dict[str, Any]]:
     """The archive and its checked metadata (JSON: nothing runs)."""
     try:
         archive = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as exc:
+    except MALFORMED as exc:
         raise SerializationError(f"{path!r} is not a torchrefit file ({exc}).") from exc
     try:
         return archive, _read_metadata(archive, path)
-    except SerializationError:
+    except BaseException as exc:
         archive.close()
+        if isinstance(exc, MALFORMED):
+            raise SerializationError(f"{path!r} has no readable metadata.json ({exc}).") from exc
         raise
 
 
 def _read_metadata(archive: zipfile.ZipFile, path: str) -> dict[str, Any]:
-    try:
-        metadata = json.loads(archive.read("metadata.json"))
-    except (KeyError, ValueError) as exc:
-        raise SerializationError(f"{path!r} has no readable metadata.json ({exc}).") from exc
-    if metadata.get("format") != FORMAT:
+    metadata = json.loads(_member(archive, "metadata.json", path, MAX_METADATA_BYTES))
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise SerializationError(f"{path!r} is not a torchrefit file.")
     if metadata.get("version") != VERSION:
         raise SerializationError(
@@ -227,8 +336,11 @@ def _state_to_json(state: RefitState) -> dict[str, Any]:
 
 
 def _state_from_json(data: dict[str, Any], tensors: dict[str, torch.Tensor], stripped: set[str]) -> RefitState:
+    specs = {s["fqn"]: WeightSpec.from_json(s) for s in data["specs"]}
+    lineage = {k: Lineage.from_json(v) for k, v in data["lineage"].items()}
+    _check_store_specs(data, specs, lineage)
     store = WeightStore({
-        k: _placeholder(spec) if k in stripped else _checked_tensor(k, spec, tensors).to(spec["device"])
+        k: _placeholder(spec) if k in stripped else _checked_tensor(k, spec, tensors)
         for k, spec in data["store"].items()
     })
     cast = data["cast_inputs_to"]
@@ -237,18 +349,18 @@ def _state_from_json(data: dict[str, Any], tensors: dict[str, torch.Tensor], str
         fingerprint=data["fingerprint"],
         structure=list(data["structure"]),
         lowered_structure=data["lowered_structure"],
-        specs={s["fqn"]: WeightSpec.from_json(s) for s in data["specs"]},
+        specs=specs,
         aliases=dict(data["aliases"]),
         engine_dtypes={k: parse_dtype(v) for k, v in data["engine_dtypes"].items()},
         weight_program=WeightProgram.from_json(data["weight_program"]),
-        lineage={k: Lineage.from_json(v) for k, v in data["lineage"].items()},
+        lineage=lineage,
         store=store,
         in_spec=_treespec(data["in_spec"]),
         out_spec=_treespec(data["out_spec"]),
         guards=[InputGuard.from_json(g) for g in data["guards"]],
         lowered_order=list(data["lowered_order"]),
         cast_inputs_to=None if cast is None else parse_dtype(cast),
-        unset=set(stripped),
+        unset=set(stripped) & set(store.tensors),
         output_constants=dict(data.get("output_constants", {})),
         inf_allowed=set(data.get("inf_allowed", [])),
         mutations=[(str(k), str(t)) for k, t in data.get("mutations", [])],

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 
 import torch
@@ -30,9 +31,12 @@ def main() -> None:
     compiled = torchrefit.compile(weights_a, (ids,))  # Inductor engines, refittable
     compile_s = time.perf_counter() - started
 
-    started = time.perf_counter()
-    torchrefit.refit_module_weights(compiled, weights_b, in_place=True)
-    refit_ms = 1e3 * (time.perf_counter() - started)
+    times = []
+    for i in range(7):  # one refit on a shared CPU swings tenfold: the median of several
+        started = time.perf_counter()
+        torchrefit.refit_module_weights(compiled, weights_b if i % 2 == 0 else weights_a, in_place=True)
+        times.append(1e3 * (time.perf_counter() - started))
+    refit_ms = statistics.median(times)
 
     exported_b = torch.export.export(weights_b, (ids,))
     started = time.perf_counter()
@@ -53,7 +57,7 @@ def main() -> None:
     print()
     print(f"BERT (4 layers, {megabytes:.1f} MB of weights) on {torch.get_num_threads()} CPU threads")
     print(f"  compile:                                  {compile_s:8.2f} s")
-    print(f"  refit from an nn.Module:                  {refit_ms:8.2f} ms")
+    print(f"  refit from an nn.Module (median of 7):    {refit_ms:8.2f} ms")
     print(f"  refit from an ExportedProgram + verify:   {verified_ms:8.2f} ms")
     print(f"  compile / refit:                          {1e3 * compile_s / refit_ms:8.0f} x")
     for field, err in errors.items():

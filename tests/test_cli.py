@@ -90,3 +90,25 @@ def test_compile_from_a_factory(tmp_path) -> None:
     assert any(c["name"] == "fc3.bias" for c in summary["constants"])
     bad = run("compile", "models:NoSuchFactory", "--input", "4,16", "-o", str(out))
     assert bad.returncode == 1 and "NoSuchFactory" in bad.stderr
+
+
+def test_compile_finds_factories_in_the_current_directory(tmp_path) -> None:
+    """As the README writes it: `torchrefit compile mypkg.models:make_model` from the project."""
+    package = tmp_path / "mypkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "models.py").write_text(
+        "import torch\n\ndef make_model():\n    return torch.nn.Linear(4, 4)\n"
+    )
+    out = tmp_path / "m.trf"
+    env = {"PATH": "/usr/bin:/bin"}
+    script = Path(sys.executable).parent / "torchrefit"  # the console script: no `-m` path magic
+    if not script.exists():
+        pytest.skip("the torchrefit console script is not installed beside this Python")
+    result = subprocess.run(
+        [str(script), "compile", "mypkg.models:make_model", "--input", "2,4",
+         "--set", "backend=eager", "-o", str(out)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert out.exists()

@@ -83,3 +83,37 @@ def test_inductor_options_are_config_patches() -> None:
     compiled = torchrefit.compile(model, (x,), inductor_options=(("fallback_random", True),))
     with torch.no_grad():
         assert torch.allclose(compiled(x), model(x), atol=1e-6)
+
+
+def test_argument_names_are_not_structure_and_ranges_key_the_cache(tmp_path, monkeypatch) -> None:
+    """Same model, forward argument renamed: one fingerprint, the fast path; another dynamic
+    range: another cache entry."""
+    from torch.export import Dim
+
+    class Named(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x)
+
+    class Renamed(Named):
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            return self.fc(inputs)
+
+    a, b = Named().eval(), Renamed().eval()
+    ea = torch.export.export(a, (torch.randn(3, 4),), dynamic_shapes={"x": {0: Dim("batch", max=64)}})
+    eb = torch.export.export(b, (torch.randn(3, 4),), dynamic_shapes={"inputs": {0: Dim("n", max=64)}})
+    compiled = torchrefit.compile(ea, (torch.randn(3, 4),), backend="eager", cache_dir=str(tmp_path))
+    import torchrefit.refit.match as match
+
+    with monkeypatch.context() as patch:
+        patch.setattr(match, "lower", lambda *a, **k: (_ for _ in ()).throw(AssertionError("slow path")))
+        refitted = torchrefit.refit_module_weights(compiled, eb)  # the fast path
+    x = torch.randn(5, 4)
+    assert torch.allclose(refitted(x), b(x))
+    ec = torch.export.export(a, (torch.randn(3, 4),), dynamic_shapes={"x": {0: Dim("batch", max=16)}})
+    torchrefit.compile(ec, (torch.randn(3, 4),), backend="eager", cache_dir=str(tmp_path))
+    torchrefit.compile(eb, (torch.randn(3, 4),), backend="eager", cache_dir=str(tmp_path))
+    assert len(list(tmp_path.glob("*.trf"))) == 2  # ranges 64 (twice, one entry) and 16

@@ -52,3 +52,26 @@ def test_table_lists_every_field() -> None:
     table = settings_table()
     for f in dataclasses.fields(Settings):
         assert f"`{f.name}`" in table
+
+
+def test_torch_devices_and_dtypes_are_accepted_and_bad_values_refused_before_compiling() -> None:
+    settings = Settings(device=torch.device("cpu"), dtype=torch.float16)
+    assert settings.device == "cpu" and settings.dtype == "float16"
+    for bad, field in (
+        ({"device": "gpu7"}, "device"),
+        ({"device": 3.5}, "device"),
+        ({"cache_max_bytes": 0}, "cache_max_bytes"),
+        ({"cuda_graphs": "yes"}, "cuda_graphs"),
+        ({"double_buffer": 1}, "double_buffer"),
+        ({"inductor_options": 5}, "inductor_options"),
+        ({"cache_dir": 7}, "cache_dir"),
+    ):
+        with pytest.raises(torchrefit.SettingsError, match=f"Settings.{field}"):
+            Settings(**bad)
+
+
+def test_a_torch_device_setting_compiles(monkeypatch) -> None:
+    model = torch.nn.Linear(4, 4).eval()
+    x = torch.randn(2, 4)
+    compiled = torchrefit.compile(model, (x,), backend="eager", device=torch.device("cpu"))
+    assert torch.allclose(compiled(x), model(x))

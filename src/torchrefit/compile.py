@@ -13,7 +13,7 @@ from .build import build, program_device
 from .cache import EngineCache
 from .engine import get_backend
 from .export import TRACING, engine_program, export_model
-from .fingerprint import source_fingerprint
+from .fingerprint import dynamic_ranges, source_fingerprint
 from .lower import LoweringContext, lower
 from .module import CompiledModule
 from .partition import Capability, partition
@@ -44,7 +44,8 @@ def _compile(
 ) -> CompiledModule:
     started = time.perf_counter()
     source = export_model(model, arg_inputs, kwarg_inputs)
-    cache = EngineCache.open(settings, source_fingerprint(source, settings.engine_key()), _target_device(source, settings))
+    key = "|".join([source_fingerprint(source, settings.engine_key()), *dynamic_ranges(source)])
+    cache = EngineCache.open(settings, key, _target_device(source, settings))
     cached = cache.load(weights=source) if cache is not None else None
     if cached is not None:
         return cached

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 import torch
@@ -15,7 +16,39 @@ from .export import weight_specs
 
 
 def describe(graph: fx.Graph, placeholder_labels: dict[str, str]) -> list[str]:
-    """One line per node; edges as node indices, so names do not matter unless labelled."""
+    """One line per node; edges as node indices, so names do not matter unless labelled.
+    Shape symbols are numbered by first appearance: the names torch.export derives from
+    `forward`'s argument names are not structure."""
+    return canonical_symbols(_describe(graph, placeholder_labels))
+
+
+_SYMBOL = re.compile(r"\b[su]\d+\b")
+
+
+def canonical_symbols(lines: list[str]) -> list[str]:
+    names = _symbol_names(lines)
+    return [_SYMBOL.sub(lambda m: names[m.group(0)], line) for line in lines]
+
+
+def _symbol_names(lines: list[str]) -> dict[str, str]:
+    names: dict[str, str] = {}
+    for line in lines:
+        for symbol in _SYMBOL.findall(line):
+            names.setdefault(symbol, f"d{len(names)}")
+    return names
+
+
+def dynamic_ranges(ep: ExportedProgram) -> list[str]:
+    """The value range of each dynamic dimension, by canonical symbol: what an engine was
+    compiled to accept (part of the cache key, not of the weights' structure)."""
+    names = _symbol_names(_describe(ep.graph, {}))
+    return sorted(
+        f"range {names.get(str(symbol), str(symbol))} [{bounds.lower}, {bounds.upper}]"
+        for symbol, bounds in ep.range_constraints.items()
+    )
+
+
+def _describe(graph: fx.Graph, placeholder_labels: dict[str, str]) -> list[str]:
     index = {node: i for i, node in enumerate(graph.nodes)}
     lines = []
     for node in graph.nodes:

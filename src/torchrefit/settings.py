@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,7 +90,19 @@ class Settings:
                 f"Settings.min_block_size is {self.min_block_size!r}; expected an int >= 1."
             )
         object.__setattr__(self, "torch_executed_ops", _op_names(self.torch_executed_ops))
-        object.__setattr__(self, "inductor_options", tuple(sorted(dict(self.inductor_options).items())))
+        object.__setattr__(self, "inductor_options", _options(self.inductor_options))
+        object.__setattr__(self, "device", _device_name(self.device))
+        if self.cache_dir is not None:
+            if not isinstance(self.cache_dir, (str, os.PathLike)):
+                raise SettingsError(f"Settings.cache_dir is {self.cache_dir!r}; expected a path or None.")
+            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
+        for name in ("immutable_weights", "fold_batch_norm", "cuda_graphs", "double_buffer"):
+            if not isinstance(getattr(self, name), bool):
+                raise SettingsError(f"Settings.{name} is {getattr(self, name)!r}; expected True or False.")
+        if isinstance(self.cache_max_bytes, bool) or not isinstance(self.cache_max_bytes, int) or self.cache_max_bytes <= 0:
+            raise SettingsError(
+                f"Settings.cache_max_bytes is {self.cache_max_bytes!r}; expected a positive int (bytes)."
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
@@ -123,6 +136,32 @@ class Settings:
         data["torch_executed_ops"] = frozenset(data.get("torch_executed_ops", ()))
         data["inductor_options"] = tuple(tuple(p) for p in data.get("inductor_options", ()))
         return cls.from_overrides(**data)
+
+
+def _device_name(device: Any) -> str | None:
+    """A device as its string ("cuda:0"); torch.device accepted. Checked here, not after a
+    whole compile."""
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise SettingsError(f"Settings.device is {device!r}; expected a string such as 'cuda:0', a torch.device or None.")
+    try:
+        return str(torch.device(device))
+    except (RuntimeError, ValueError) as exc:
+        raise SettingsError(f"Settings.device is {device!r}, which is no device ({exc}); e.g. 'cpu' or 'cuda:0'.") from exc
+
+
+def _options(options: Any) -> tuple[tuple[str, Any], ...]:
+    try:
+        pairs = dict(options)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(
+            f"Settings.inductor_options is {options!r}; expected (name, value) pairs or a dict."
+        ) from exc
+    bad = [k for k in pairs if not isinstance(k, str)]
+    if bad:
+        raise SettingsError(f"Settings.inductor_options names {bad[:3]}; option names are strings.")
+    return tuple(sorted(pairs.items()))
 
 
 def _dtype_name(dtype: Any) -> str | None:

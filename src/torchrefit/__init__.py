@@ -1,5 +1,6 @@
 """torchrefit: compile PyTorch models into engines whose weights can be replaced in place."""
 
+from . import distributed  # noqa: E402 - torchrefit.distributed.WeightSync
 from .api import load, save
 from .compile import compile
 from .errors import (
@@ -18,6 +19,7 @@ from .errors import (
     WeightDtypeError,
     WeightShapeError,
     WeightsNotLoadedError,
+    WeightSyncError,
     WeightValueError,
 )
 from .module import CompiledModule, Engine, Fallback
@@ -49,9 +51,11 @@ __all__ = [
     "UnsupportedGraphError",
     "WeightDtypeError",
     "WeightShapeError",
+    "WeightSyncError",
     "WeightValueError",
     "WeightsNotLoadedError",
     "compile",
+    "distributed",
     "load",
     "refit_module_weights",
     "save",

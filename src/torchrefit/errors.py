@@ -65,3 +65,7 @@ class InputError(TorchRefitError, TypeError):
 
 class WeightsNotLoadedError(TorchRefitError):
     """A module loaded from a file saved without weights was run before a refit."""
+
+
+class WeightSyncError(TorchRefitError):
+    """A weight broadcast failed or timed out; the replica kept its old weights."""

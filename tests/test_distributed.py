@@ -54,7 +54,7 @@ def _worker(rank: int, init: str, scenario: str, results: str) -> None:
             return
         before = compiled(x)
         errors = []
-        for step in range(3):
+        for _step in range(3):
             try:
                 sync()
             except torchrefit.WeightSyncError as exc:

@@ -87,7 +87,8 @@ def _derived(
         else:
             raise MissingWeightError(
                 f"The new weights lack {fqn!r}, which derived engine constants are computed "
-                "from. Give it too."
+                "from. Give it too.",
+                missing=[fqn],
             )
     outputs = program(inputs)
     derived_keys = [k for k, lineage in state.lineage.items() if lineage.kind == "program"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class TorchRefitError(Exception):
     """Base class of torchrefit's errors."""
@@ -28,7 +30,18 @@ class ImmutableWeightsError(TorchRefitError):
 
 
 class IncompatibleWeightsError(TorchRefitError):
-    """The new weights belong to another architecture, or do not fit the engines."""
+    """The new weights belong to another architecture, or do not fit the engines.
+
+    `missing` and `unexpected` list every weight name the refit lacked or did not know (the
+    message names the first few only); both are empty where the error is about something else.
+    """
+
+    def __init__(
+        self, message: str, *, missing: Sequence[str] = (), unexpected: Sequence[str] = ()
+    ) -> None:
+        super().__init__(message)
+        self.missing: list[str] = list(missing)
+        self.unexpected: list[str] = list(unexpected)
 
 
 class MissingWeightError(IncompatibleWeightsError):

@@ -89,7 +89,8 @@ def _derived(
         else:
             raise MissingWeightError(
                 f"The new weights lack {fqn!r}, which derived engine constants are computed "
-                "from. Give it too."
+                "from. Give it too.",
+                missing=[fqn],
             )
     outputs = program(inputs)
     derived_keys = [k for k, lineage in state.lineage.items() if lineage.kind == "program"]
@@ -179,12 +180,11 @@ def raise_nonfinite(tensors: dict[str, torch.Tensor], sources: dict[str, Source]
                 f"finite in {value.dtype}. Check those weights for inf, NaN or a batch norm "
                 "variance below -eps."
             )
-        source = sources.get(key)
-        if isinstance(source, torch.Tensor) and bool(torch.isfinite(source).all()):
+        peak = _source_peak(sources.get(key))
+        if peak is not None and peak == peak and peak != float("inf"):
             raise WeightValueError(
-                f"Weight {key!r} overflows {value.dtype} (largest magnitude "
-                f"{source.abs().max().item():.4g}); it would become inf. Rescale it, or compile "
-                "with a wider dtype."
+                f"Weight {key!r} overflows {value.dtype} (largest magnitude {peak:.4g}); it "
+                "would become inf. Rescale it, or compile with a wider dtype."
             )
         what = "NaN" if bool(torch.isnan(value).any()) else "inf, which it did not hold when compiled"
         raise WeightValueError(
@@ -192,6 +192,15 @@ def raise_nonfinite(tensors: dict[str, torch.Tensor], sources: dict[str, Source]
             "(check the training step that produced them)."
         )
     raise AssertionError("the finiteness check refused values that no check names")
+
+
+def _source_peak(source: Source | None) -> float | None:
+    """The largest magnitude of a weight before its cast (NaN or inf if it held one)."""
+    if isinstance(source, FileTensor):
+        return peak_magnitude(source, torch.empty(buffer_bytes(), dtype=torch.uint8))
+    if isinstance(source, torch.Tensor) and source.numel() and source.is_floating_point():
+        return float(source.float().abs().max().item())
+    return None
 
 
 def _check_streamed(values: Values, state: RefitState) -> None:

@@ -8,6 +8,7 @@ Modules, state_dicts and files are matched by FQN.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,16 +98,20 @@ def by_fqn(new: NewWeights, state: RefitState) -> dict[str, Source]:
     if extra:
         raise UnexpectedWeightError(
             f"The new weights hold {len(extra)} name(s) the compiled program does not have: "
-            f"{_names(extra)}" + (f"; and lack {len(missing)}: {_names(missing)}" if missing else "")
+            f"{_names(extra, 'unexpected')}"
+            + (f"; and lack {len(missing)}: {_names(missing, 'missing')}" if missing else "")
             + ". Rename them (name_map= maps checkpoint names to model names, e.g. "
-            "lambda n: n.removeprefix('model.')), or remove them."
+            "lambda n: n.removeprefix('model.')), or remove them.",
+            missing=missing,
+            unexpected=extra,
         )
     if missing:
         spec = state.specs[missing[0]]
         raise MissingWeightError(
-            f"The new weights lack {len(missing)} weight(s): {_names(missing)} (the first is a "
-            f"{spec.kind} of {spec.dtype}{list(spec.shape)}). Give every parameter and "
-            "persistent buffer of the compiled model."
+            f"The new weights lack {len(missing)} weight(s): {_names(missing, 'missing')} (the "
+            f"first is a {spec.kind} of {spec.dtype}{list(spec.shape)}). Give every parameter "
+            "and persistent buffer of the compiled model.",
+            missing=missing,
         )
     tensors: dict[str, Source] = {}
     for fqn, spec in state.specs.items():
@@ -114,6 +119,7 @@ def by_fqn(new: NewWeights, state: RefitState) -> dict[str, Source]:
         if value is None:
             continue  # a non-persistent buffer or constant a state_dict cannot hold: kept
         _check_spec(fqn, value, spec)
+        _check_cast(fqn, value, state.engine_dtypes.get(fqn, value.dtype))
         tensors[fqn] = value
     return tensors
 
@@ -148,6 +154,30 @@ def _check_spec(fqn: str, value: Source, spec: WeightSpec) -> None:
         )
 
 
+def _check_cast(fqn: str, value: Source, engine_dtype: torch.dtype) -> None:
+    if not _castable(value.dtype, engine_dtype):
+        raise WeightDtypeError(
+            f"Weight {fqn!r} has dtype {value.dtype}, which torch cannot cast into the engine's "
+            f"{engine_dtype} without losing its meaning (complex into real drops the imaginary "
+            f"part; packed float4 has no cast). Give it as {engine_dtype}, or compile with a "
+            "dtype that holds it."
+        )
+
+
+@functools.cache
+def _castable(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether copy_ casts `src` values into `dst` ones (asked of torch with one element)."""
+    if src == dst:
+        return True
+    if src.is_complex and not dst.is_complex:
+        return False
+    try:
+        torch.empty(1, dtype=dst).copy_(torch.zeros(1, dtype=src))
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
 def _required(fqn: str, spec: WeightSpec, given: dict[str, Source], new: NewWeights, state: RefitState) -> bool:
     """Missing and needed: parameters and persistent buffers always; the rest only from an
     ExportedProgram (a module cannot show constants its forward creates)."""
@@ -157,9 +187,11 @@ def _required(fqn: str, spec: WeightSpec, given: dict[str, Source], new: NewWeig
     return (spec.persistent or new.complete) and not code_constant
 
 
-def _names(names: list[str], limit: int = 8) -> str:
+def _names(names: list[str], attribute: str, limit: int = 8) -> str:
+    """The first `limit` names; the error's `attribute` lists them all."""
     shown = ", ".join(repr(n) for n in names[:limit])
-    return f"[{shown}{', ...' if len(names) > limit else ''}]"
+    rest = len(names) - limit
+    return f"[{shown}]" if rest <= 0 else f"[{shown}, and {rest} more: the error's .{attribute} lists all]"
 
 
 def _same(a: Source, b: Source) -> bool:

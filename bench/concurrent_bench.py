@@ -31,7 +31,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from refit_bench import build, inputs, sync  # noqa: E402
 
 
-def throughput(compiled: Any, x: tuple, device: str, seconds: float, refit: Any = None) -> dict[str, float]:
+def throughput(
+    compiled: Any, x: tuple, device: str, seconds: float, refit: Any = None
+) -> dict[str, float]:
     stop = threading.Event()
     refits = [0]
 
@@ -83,7 +85,9 @@ def torn_calls(compiled: Any, x: tuple, outs: tuple, refit: Any, calls: int) -> 
     return torn
 
 
-def first_call_after_refit_ms(compiled: Any, x: tuple, refit: Any, device: str, iters: int) -> float:
+def first_call_after_refit_ms(
+    compiled: Any, x: tuple, refit: Any, device: str, iters: int
+) -> float:
     times = []
     for i in range(iters):
         sync(device)
@@ -103,7 +107,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument(
-        "--switch-interval", type=float, default=None,
+        "--switch-interval",
+        type=float,
+        default=None,
         help="sys.setswitchinterval: Python hands the GIL between the two threads this often",
     )
     args = parser.parse_args()
@@ -123,7 +129,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         for double_buffer in (False, True):
             compiled = torchrefit.compile(
-                a, x, backend=backend, cuda_graphs=device == "cuda", double_buffer=double_buffer, cache_dir=cache
+                a,
+                x,
+                backend=backend,
+                cuda_graphs=device == "cuda",
+                double_buffer=double_buffer,
+                cache_dir=cache,
             )
             refitters = (torchrefit.Refitter(compiled, b), torchrefit.Refitter(compiled, a))
             refitters[1]()
@@ -137,7 +148,9 @@ def main() -> None:
                 refit(i)()
 
             row["during_refits"] = throughput(compiled, x, device, seconds, call_refit)
-            row["throughput_ratio"] = row["during_refits"]["calls_per_s"] / row["alone"]["calls_per_s"]
+            row["throughput_ratio"] = (
+                row["during_refits"]["calls_per_s"] / row["alone"]["calls_per_s"]
+            )
             row["first_call_after_refit_ms"] = first_call_after_refit_ms(
                 compiled, x, call_refit, device, 5 if args.quick else 50
             )
@@ -145,7 +158,9 @@ def main() -> None:
                 refitters[0]()
                 out_b = compiled(*x).clone()
                 refitters[1]()
-                row["torn_calls"] = torn_calls(compiled, x, (out_a, out_b), call_refit, 50 if args.quick else 2000)
+                row["torn_calls"] = torn_calls(
+                    compiled, x, (out_a, out_b), call_refit, 50 if args.quick else 2000
+                )
                 row["checked_calls"] = 50 if args.quick else 2000
             results[key] = row
             print(key, json.dumps(row), flush=True)

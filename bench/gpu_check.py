@@ -99,9 +99,15 @@ def check_model(name: str, out_dir: str) -> dict:
     row["file_mb"] = os.path.getsize(path) / 1e6
     child = subprocess.run(
         [sys.executable, __file__, "--child", name, "--path", path],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    row["fresh_process"] = json.loads(child.stdout.strip().splitlines()[-1]) if child.returncode == 0 else f"rc={child.returncode}: {child.stderr[-800:]}"
+    row["fresh_process"] = (
+        json.loads(child.stdout.strip().splitlines()[-1])
+        if child.returncode == 0
+        else f"rc={child.returncode}: {child.stderr[-800:]}"
+    )
     os.remove(path)
     return row
 
@@ -128,10 +134,16 @@ def aoti_probe() -> str:
         "r=torch._inductor.aoti_load_package(p);print('aoti ok', (r(x)-m(x)).abs().max().item())"
     )
     try:
-        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+        run = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=180
+        )
     except subprocess.TimeoutExpired:
         return "timed out"
-    return run.stdout.strip()[-200:] if run.returncode == 0 else f"rc={run.returncode} {run.stderr[-300:]}"
+    return (
+        run.stdout.strip()[-200:]
+        if run.returncode == 0
+        else f"rc={run.returncode} {run.stderr[-300:]}"
+    )
 
 
 def main() -> None:
@@ -144,7 +156,11 @@ def main() -> None:
     if args.child:
         return child(args.child, args.path)
     os.makedirs(args.out, exist_ok=True)
-    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
+    env = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     print(json.dumps(env), flush=True)
     rows = [check_model(m, args.out) for m in args.models.split(",")]
     for row in rows:

@@ -48,7 +48,15 @@ def build(name: str, seed: int, device: str, dtype: torch.dtype) -> torch.nn.Mod
     elif name == "tiny-bert":
         from transformers import BertConfig, BertModel
 
-        model = BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=1000))
+        model = BertModel(
+            BertConfig(
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=128,
+                vocab_size=1000,
+            )
+        )
     elif name == "wide-mlp":  # >= 1.5 GB of float16 weights in a few large tensors
         width = 16384
         model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(3)])
@@ -141,7 +149,9 @@ def bandwidths(nbytes: int, device: str) -> dict[str, float]:
     pageable.fill_(1)
     result = {
         "d2d_GBps": 2 * nbytes / event_ms(lambda: b.copy_(a), device) / 1e6,
-        "h2d_pinned_GBps": nbytes / median_ms(lambda: b.copy_(pinned, non_blocking=True), device) / 1e6,
+        "h2d_pinned_GBps": nbytes
+        / median_ms(lambda: b.copy_(pinned, non_blocking=True), device)
+        / 1e6,
         "h2d_pageable_GBps": nbytes / median_ms(lambda: b.copy_(pageable), device) / 1e6,
     }
     return result
@@ -150,7 +160,9 @@ def bandwidths(nbytes: int, device: str) -> dict[str, float]:
 # -- one model ----------------------------------------------------------------------------
 
 
-def bench_model(label: str, device: str, dtype: torch.dtype, batch: int, quick: bool, peers: bool = True) -> dict[str, Any]:
+def bench_model(
+    label: str, device: str, dtype: torch.dtype, batch: int, quick: bool, peers: bool = True
+) -> dict[str, Any]:
     """`label` is a model name, optionally with @fold or @nofold (fold_batch_norm)."""
     row: dict[str, Any] = {"model": label}
     name, _, variant = label.partition("@")
@@ -195,7 +207,10 @@ def reference_standalone(model: torch.nn.Module, x: tuple[torch.Tensor, ...]) ->
     placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
     weights = {**ep.state_dict, **ep.constants}
     user = iter(x)
-    args = [weights[s.target] if s.target is not None else next(user) for s in ep.graph_signature.input_specs]
+    args = [
+        weights[s.target] if s.target is not None else next(user)
+        for s in ep.graph_signature.input_specs
+    ]
     assert len(args) == len(placeholders)
     with torch.no_grad():
         art = standalone_compile(ep.graph_module, [n.meta["val"] for n in placeholders])
@@ -220,7 +235,11 @@ def _with_cuda_graphs(module: torchrefit.CompiledModule, device: str):
 
 def bench_refits(name, compiled, graphed, a, b, x, device, quick) -> dict[str, Any]:
     row: dict[str, Any] = {}
-    fresh = lambda: inputs(name, device, x[0].dtype if x[0].is_floating_point() else torch.float16, x[0].shape[0])  # noqa: E731
+
+    def fresh() -> tuple[torch.Tensor, ...]:
+        dtype = x[0].dtype if x[0].is_floating_point() else torch.float16
+        return inputs(name, device, dtype, x[0].shape[0])
+
     refit = torchrefit.refit_module_weights
 
     def check(label: str, module, model) -> None:
@@ -229,7 +248,9 @@ def bench_refits(name, compiled, graphed, a, b, x, device, quick) -> dict[str, A
             row[f"err_{label}"] = error(module(*y), model(*y))
 
     gpu_b = {k: v for k, v in b.state_dict().items()}
-    row["refit_state_dict_device_ms"] = median_ms(lambda: refit(compiled, gpu_b, in_place=True), device)
+    row["refit_state_dict_device_ms"] = median_ms(
+        lambda: refit(compiled, gpu_b, in_place=True), device
+    )
     check("state_dict_device", compiled, b)
     row["A_vs_B_err"] = error(a(*x), b(*x))
 
@@ -250,10 +271,14 @@ def bench_refits(name, compiled, graphed, a, b, x, device, quick) -> dict[str, A
 
     if device == "cuda":
         pinned = {k: v.cpu().pin_memory() for k, v in a.state_dict().items()}
-        row["refit_pinned_host_ms"] = median_ms(lambda: refit(compiled, pinned, in_place=True), device)
+        row["refit_pinned_host_ms"] = median_ms(
+            lambda: refit(compiled, pinned, in_place=True), device
+        )
         check("pinned_host", compiled, a)
         pageable = {k: v.cpu() for k, v in b.state_dict().items()}
-        row["refit_pageable_host_ms"] = median_ms(lambda: refit(compiled, pageable, in_place=True), device)
+        row["refit_pageable_host_ms"] = median_ms(
+            lambda: refit(compiled, pageable, in_place=True), device
+        )
         check("pageable_host", compiled, b)
         pinned_refitter = torchrefit.Refitter(compiled, pinned)
         row["refitter_pinned_host_ms"] = median_ms(pinned_refitter, device)
@@ -264,14 +289,20 @@ def bench_refits(name, compiled, graphed, a, b, x, device, quick) -> dict[str, A
 
         path = os.path.join(tmp, "b.safetensors")
         save_file({k: v.contiguous().cpu() for k, v in _untied(b).items()}, path)
-        row["refit_safetensors_ms"] = median_ms(lambda: refit(compiled, path, in_place=True), device, warmup=1, iters=5)
+        row["refit_safetensors_ms"] = median_ms(
+            lambda: refit(compiled, path, in_place=True), device, warmup=1, iters=5
+        )
         from safetensors.torch import load_file
 
-        row["plain_safetensors_load_ms"] = median_ms(lambda: load_file(path, device=device), device, warmup=1, iters=5)
+        row["plain_safetensors_load_ms"] = median_ms(
+            lambda: load_file(path, device=device), device, warmup=1, iters=5
+        )
         check("safetensors", compiled, b)
 
     ep = torch.export.export(a, x)
-    row["refit_exported_program_ms"] = median_ms(lambda: refit(compiled, ep, in_place=True), device, warmup=1, iters=5)
+    row["refit_exported_program_ms"] = median_ms(
+        lambda: refit(compiled, ep, in_place=True), device, warmup=1, iters=5
+    )
     check("exported_program", compiled, a)
 
     if device == "cuda":
@@ -282,7 +313,10 @@ def bench_refits(name, compiled, graphed, a, b, x, device, quick) -> dict[str, A
         refit(compiled, gpu_b, in_place=True)
         torch.cuda.synchronize()
         row["refit_peak_extra_MB"] = (torch.cuda.max_memory_allocated() - base) / 1e6
-        row["largest_weight_MB"] = max(v.numel() * v.element_size() for v in compiled._torchrefit.store.tensors.values()) / 1e6
+        row["largest_weight_MB"] = (
+            max(v.numel() * v.element_size() for v in compiled._torchrefit.store.tensors.values())
+            / 1e6
+        )
 
     eager_target = build(name, 2, device, a.state_dict()[next(iter(a.state_dict()))].dtype)
     row["eager_load_state_dict_ms"] = median_ms(lambda: eager_target.load_state_dict(gpu_b), device)
@@ -308,14 +342,26 @@ def bench_large(device: str, dtype: torch.dtype) -> dict[str, Any]:
     compiled = torchrefit.compile(a, x)
     nbytes = compiled._torchrefit.store.nbytes()
     row["weights_MB"] = nbytes / 1e6
-    b_host = {k: v.cpu().pin_memory() for k, v in build("wide-mlp", 1, "cpu", dtype).state_dict().items()}
-    row["refit_pinned_host_ms"] = median_ms(lambda: torchrefit.refit_module_weights(compiled, b_host, in_place=True), device, warmup=1, iters=5)
+    b_host = {
+        k: v.cpu().pin_memory() for k, v in build("wide-mlp", 1, "cpu", dtype).state_dict().items()
+    }
+    row["refit_pinned_host_ms"] = median_ms(
+        lambda: torchrefit.refit_module_weights(compiled, b_host, in_place=True),
+        device,
+        warmup=1,
+        iters=5,
+    )
     row["refit_pinned_GBps"] = nbytes / row["refit_pinned_host_ms"] / 1e6
     refitter = torchrefit.Refitter(compiled, b_host)
     row["refitter_pinned_host_ms"] = median_ms(refitter, device, warmup=1, iters=5)
     row["refitter_pinned_GBps"] = nbytes / row["refitter_pinned_host_ms"] / 1e6
     pageable = {k: v.clone() for k, v in b_host.items()}
-    row["refit_pageable_host_ms"] = median_ms(lambda: torchrefit.refit_module_weights(compiled, pageable, in_place=True), device, warmup=1, iters=5)
+    row["refit_pageable_host_ms"] = median_ms(
+        lambda: torchrefit.refit_module_weights(compiled, pageable, in_place=True),
+        device,
+        warmup=1,
+        iters=5,
+    )
     row["refit_pageable_GBps"] = nbytes / row["refit_pageable_host_ms"] / 1e6
     row.update(bandwidths(nbytes, device))
     b = build("wide-mlp", 1, device, dtype)
@@ -341,10 +387,14 @@ print('loaded', flush=True)
 
 def aoti_probe(name: str) -> str:
     try:
-        run = subprocess.run([sys.executable, "-c", AOTI_PROBE, name], capture_output=True, text=True, timeout=240)
+        run = subprocess.run(
+            [sys.executable, "-c", AOTI_PROBE, name], capture_output=True, text=True, timeout=240
+        )
     except subprocess.TimeoutExpired:
         return "timed out"
-    lines = " ".join(line for line in run.stdout.splitlines() if line.startswith(("compile_s", "loaded")))
+    lines = " ".join(
+        line for line in run.stdout.splitlines() if line.startswith(("compile_s", "loaded"))
+    )
     return f"rc={run.returncode} {lines}"
 
 
@@ -357,10 +407,22 @@ ROWS = [
     ("torch_compile_ms", "inference: torch.compile default (ms)", "{:.3f}"),
     ("torchrefit_ms", "inference: torchrefit (ms)", "{:.3f}"),
     ("torchrefit_cudagraph_ms", "inference: torchrefit, cuda_graphs=True (ms)", "{:.3f}"),
-    ("reference_standalone_cudagraph_ms", "reference: standalone_compile, weights as inputs, CUDA graph (ms)", "{:.3f}"),
+    (
+        "reference_standalone_cudagraph_ms",
+        "reference: standalone_compile, weights as inputs, CUDA graph (ms)",
+        "{:.3f}",
+    ),
     ("refitter_device_ms", "refit: Refitter from tensors on the device (ms)", "{:.3f}"),
-    ("refitter_device_foreach_ms", "refit: Refitter from tensors on the device, _foreach_copy_ (ms)", "{:.3f}"),
-    ("refit_state_dict_device_ms", "refit: refit_module_weights, state_dict on the device (ms)", "{:.3f}"),
+    (
+        "refitter_device_foreach_ms",
+        "refit: Refitter from tensors on the device, _foreach_copy_ (ms)",
+        "{:.3f}",
+    ),
+    (
+        "refit_state_dict_device_ms",
+        "refit: refit_module_weights, state_dict on the device (ms)",
+        "{:.3f}",
+    ),
     ("refit_exported_program_ms", "refit: refit_module_weights, ExportedProgram (ms)", "{:.2f}"),
     ("refitter_pinned_host_ms", "refit: Refitter from pinned host (ms)", "{:.3f}"),
     ("refit_pinned_host_ms", "refit: refit_module_weights, pinned host (ms)", "{:.3f}"),
@@ -369,7 +431,11 @@ ROWS = [
     ("refitter_pinned_GBps", "refit: Refitter from pinned host (GB/s)", "{:.1f}"),
     ("refit_pageable_GBps", "refit: refit_module_weights, pageable host (GB/s)", "{:.1f}"),
     ("refit_safetensors_ms", "refit: refit_module_weights, safetensors file (ms)", "{:.2f}"),
-    ("plain_safetensors_load_ms", "plain: safetensors load_file(device=...) of the same file (ms)", "{:.2f}"),
+    (
+        "plain_safetensors_load_ms",
+        "plain: safetensors load_file(device=...) of the same file (ms)",
+        "{:.2f}",
+    ),
     ("eager_load_state_dict_ms", "peer: eager load_state_dict (ms)", "{:.3f}"),
     ("torch_compile_s", "peer: torch.compile first call = recompile (s)", "{:.1f}"),
     ("aoti", "peer: AOTInductor compile + load (subprocess)", "{}"),
@@ -391,16 +457,24 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     errors = sorted({k for r in rows for k in r if k.startswith("err_")})
     for key in errors:
-        lines.append(f"| check: rel. error vs eager, {key[4:]} | " + " | ".join(f"{r[key]:.1e}" if key in r else "" for r in rows) + " |")
+        lines.append(
+            f"| check: rel. error vs eager, {key[4:]} | "
+            + " | ".join(f"{r[key]:.1e}" if key in r else "" for r in rows)
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", default=None)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--quick", action="store_true", help="skip torch.compile, AOTInductor, large")
+    parser.add_argument(
+        "--quick", action="store_true", help="skip torch.compile, AOTInductor, large"
+    )
     parser.add_argument("--large", action="store_true", help="also the 1.5 GB wide MLP (GPU)")
     parser.add_argument("--no-aoti", action="store_true", help="skip the AOTInductor probe")
     parser.add_argument("--out", default=None)
@@ -409,13 +483,17 @@ def main() -> None:
     dtype = torch.float16 if device == "cuda" else torch.float32
     models = (args.models or ("resnet50,bert-base" if device == "cuda" else "tiny-bert")).split(",")
     card = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    header = f"{card}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}, batch {args.batch}, {time.strftime('%Y-%m-%d')}"
+    dtype_name = str(dtype).removeprefix("torch.")
+    header = f"{card}, torch {torch.__version__}, {dtype_name}, batch {args.batch}, "
+    header += time.strftime("%Y-%m-%d")
     print(header, flush=True)
     rows = []
     seen: set[str] = set()
     for name in models:
         base = name.partition("@")[0]
-        row = bench_model(name, device, dtype, args.batch, args.quick, peers=base not in seen and device == "cuda")
+        row = bench_model(
+            name, device, dtype, args.batch, args.quick, peers=base not in seen and device == "cuda"
+        )
         seen.add(base)
         if device == "cuda" and not args.quick and not args.no_aoti:
             row["aoti"] = aoti_probe(name)

@@ -1,6 +1,6 @@
 """Compile a model once, refit it with new weights, verify, and compare the times.
 
-    make demo
+make demo
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from torchrefit.refit.verify import relative_error
 
 def bert(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = BertConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512)
+    config = BertConfig(
+        hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512
+    )
     return BertModel(config).eval()
 
 
@@ -34,7 +36,9 @@ def main() -> None:
     times = []
     for i in range(7):  # one refit on a shared CPU swings tenfold: the median of several
         started = time.perf_counter()
-        torchrefit.refit_module_weights(compiled, weights_b if i % 2 == 0 else weights_a, in_place=True)
+        torchrefit.refit_module_weights(
+            compiled, weights_b if i % 2 == 0 else weights_a, in_place=True
+        )
         times.append(1e3 * (time.perf_counter() - started))
     refit_ms = statistics.median(times)
 
@@ -55,7 +59,9 @@ def main() -> None:
     }
     megabytes = compiled._torchrefit.store.nbytes() / 1e6
     print()
-    print(f"BERT (4 layers, {megabytes:.1f} MB of weights) on {torch.get_num_threads()} CPU threads")
+    print(
+        f"BERT (4 layers, {megabytes:.1f} MB of weights) on {torch.get_num_threads()} CPU threads"
+    )
     print(f"  compile:                                  {compile_s:8.2f} s")
     print(f"  refit from an nn.Module (median of 7):    {refit_ms:8.2f} ms")
     print(f"  refit from an ExportedProgram + verify:   {verified_ms:8.2f} ms")

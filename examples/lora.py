@@ -1,6 +1,6 @@
 """LoRA with peft under MutableModule: merging and unmerging an adapter is a refit.
 
-    .venv/bin/python examples/lora.py
+.venv/bin/python examples/lora.py
 """
 
 from __future__ import annotations
@@ -17,8 +17,12 @@ from torchrefit.refit.verify import relative_error
 
 def main() -> None:
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512)
-    lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=False)
+    config = BertConfig(
+        hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512
+    )
+    lora = peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=False
+    )
     model = peft.get_peft_model(BertModel(config).eval(), lora).eval()
     mutable = torchrefit.MutableModule(model)
     ids = torch.randint(0, config.vocab_size, (2, 32))
@@ -30,7 +34,13 @@ def main() -> None:
         elapsed = 1e3 * (time.perf_counter() - started)
         with torch.no_grad():
             err = relative_error(out.last_hidden_state, model(ids).last_hidden_state)
-        what = "compiled" if mutable.compiles > compiles else "refitted" if mutable.refits > refits else "ran"
+        what = (
+            "compiled"
+            if mutable.compiles > compiles
+            else "refitted"
+            if mutable.refits > refits
+            else "ran"
+        )
         print(f"{label:<22} {what:<9} {elapsed:9.1f} ms   rel. error vs eager {err:.1e}")
 
     call("first call")

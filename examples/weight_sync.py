@@ -20,7 +20,9 @@ import torchrefit
 
 def model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).eval()
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)
+    ).eval()
 
 
 def main() -> None:
@@ -30,7 +32,9 @@ def main() -> None:
     args = parser.parse_args()
     dist.init_process_group("nccl" if args.cuda else "gloo")
     rank = dist.get_rank()
-    device = torch.device("cuda", rank % torch.cuda.device_count()) if args.cuda else torch.device("cpu")
+    device = (
+        torch.device("cuda", rank % torch.cuda.device_count()) if args.cuda else torch.device("cpu")
+    )
     if args.cuda:
         torch.cuda.set_device(device)
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1)).to(device)
@@ -39,7 +43,9 @@ def main() -> None:
         sync = torchrefit.distributed.WeightSync(weights=trainer, src=0, timeout=60)
         opt = torch.optim.SGD(trainer.parameters(), lr=0.05)
     else:
-        compiled = torchrefit.compile(model().to(device), (x,), backend="eager" if not args.cuda else "inductor")
+        compiled = torchrefit.compile(
+            model().to(device), (x,), backend="eager" if not args.cuda else "inductor"
+        )
         sync = torchrefit.distributed.WeightSync(compiled=compiled, src=0, timeout=60)
     for step in range(args.steps):
         if rank == 0:
@@ -54,7 +60,11 @@ def main() -> None:
             eager.load_state_dict(dict(sync.views))
             with torch.no_grad():
                 error = (compiled(x) - eager(x)).abs().max().item()
-            print(f"rank {rank} step {step}: synced in {elapsed:.2f} ms, max error vs eager {error:.2e}", flush=True)
+            print(
+                f"rank {rank} step {step}: synced in {elapsed:.2f} ms, "
+                f"max error vs eager {error:.2e}",
+                flush=True,
+            )
     dist.destroy_process_group()
 
 

@@ -32,12 +32,18 @@ def _ids(vocab: int, shape: tuple[int, int] = (2, 8)) -> Callable[[], tuple[torc
 
 
 CASES = {
-    "conv_bn": Case(lambda s: randomize(ConvBNWithRunningStats(), s), lambda: (torch.randn(2, 3, 12, 12),)),
+    "conv_bn": Case(
+        lambda s: randomize(ConvBNWithRunningStats(), s), lambda: (torch.randn(2, 3, 12, 12),)
+    ),
     "conv_bn_folded": Case(
-        lambda s: randomize(ConvBNWithRunningStats(), s), lambda: (torch.randn(2, 3, 12, 12),), {"fold_batch_norm": True}
+        lambda s: randomize(ConvBNWithRunningStats(), s),
+        lambda: (torch.randn(2, 3, 12, 12),),
+        {"fold_batch_norm": True},
     ),
     "mlp": Case(lambda s: randomize(MLP(), s), lambda: (torch.randn(4, 16),)),
-    "scalar_constant": Case(lambda s: randomize(LiftedScalarConstant(), s), lambda: (torch.randn(3, 8),)),
+    "scalar_constant": Case(
+        lambda s: randomize(LiftedScalarConstant(), s), lambda: (torch.randn(3, 8),)
+    ),
     "tied_embeddings": Case(lambda s: randomize(TiedEmbeddings(), s), _ids(20, (2, 5))),
     "conv_net": Case(lambda s: randomize(ConvNet(), s), lambda: (torch.randn(2, 3, 10, 10),)),
     "resnet": Case(resnet, lambda: (torch.randn(2, 3, 32, 32),)),

@@ -41,7 +41,10 @@ def inductor_modules() -> dict[str, tuple[torch.nn.Module, torchrefit.CompiledMo
     for name in INDUCTOR_CASES:
         case = CASES[name]
         model = case.build(0)
-        compiled[name] = (model, torchrefit.compile(model, case.inputs(), backend="inductor", **case.settings))
+        compiled[name] = (
+            model,
+            torchrefit.compile(model, case.inputs(), backend="inductor", **case.settings),
+        )
     return compiled
 
 

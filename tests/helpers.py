@@ -30,4 +30,6 @@ def assert_differs(actual: Any, expected: Any) -> None:
     """At least one output is far from `expected`: proves a test's weights really changed."""
     got = [t for t in pytree.tree_leaves(actual) if isinstance(t, torch.Tensor)]
     want = [t for t in pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
-    assert any(relative_error(a, e) > 1e-2 for a, e in zip(got, want, strict=True)), "outputs did not change"
+    assert any(relative_error(a, e) > 1e-2 for a, e in zip(got, want, strict=True)), (
+        "outputs did not change"
+    )

@@ -116,8 +116,12 @@ def bert(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=48, max_position_embeddings=32,
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
     )
     return randomize(BertModel(config), seed)
 
@@ -127,7 +131,13 @@ def gpt2(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=32, use_cache=False,
-        bos_token_id=0, eos_token_id=0,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        vocab_size=64,
+        n_positions=32,
+        use_cache=False,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return randomize(GPT2LMHeadModel(config), seed)

@@ -48,7 +48,10 @@ def test_kill_during_save_never_loses_the_old_file(tmp_path) -> None:
     rng = random.Random(0)
     for _ in range(trials):
         writer = subprocess.Popen(
-            [sys.executable, "-c", WRITER, path], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            [sys.executable, "-c", WRITER, path],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )
         try:
             assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"

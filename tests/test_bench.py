@@ -11,8 +11,18 @@ ROOT = Path(__file__).parents[1]
 
 def test_cpu_benchmark_runs_and_checks_every_refit(tmp_path) -> None:
     run = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "refit_bench.py"), "--device", "cpu", "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "bench" / "refit_bench.py"),
+            "--device",
+            "cpu",
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     report = (tmp_path / "benchmarks.md").read_text()

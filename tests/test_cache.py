@@ -39,7 +39,9 @@ def test_hit_loads_and_refits_without_compiling(tmp_path, monkeypatch) -> None:
 def test_other_settings_or_structure_miss(tmp_path) -> None:
     case = CASES["mlp"]
     torchrefit.compile(case.build(0), case.inputs(), backend="eager", cache_dir=str(tmp_path))
-    torchrefit.compile(case.build(0), case.inputs(), backend="eager", min_block_size=2, cache_dir=str(tmp_path))
+    torchrefit.compile(
+        case.build(0), case.inputs(), backend="eager", min_block_size=2, cache_dir=str(tmp_path)
+    )
     other = CASES["conv_bn"]
     torchrefit.compile(other.build(0), other.inputs(), backend="eager", cache_dir=str(tmp_path))
     assert len(_entries(tmp_path)) == 3
@@ -66,7 +68,11 @@ def test_size_bound_evicts_least_recently_used(tmp_path) -> None:
     bound = max(sizes) + 1
     case = CASES["mlp"]
     torchrefit.compile(
-        case.build(0), case.inputs(), backend="eager", cache_dir=str(tmp_path), cache_max_bytes=bound
+        case.build(0),
+        case.inputs(),
+        backend="eager",
+        cache_dir=str(tmp_path),
+        cache_max_bytes=bound,
     )
     entries = _entries(tmp_path)
     assert sum(p.stat().st_size for p in entries) <= bound and len(entries) < 3
@@ -142,7 +148,9 @@ def test_a_read_only_cache_still_serves_hits(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(cache.os, "utime", refused)
     monkeypatch.setattr(cache.os, "remove", refused)
-    monkeypatch.setattr(compile_module, "lower", lambda *a, **k: (_ for _ in ()).throw(AssertionError("miss")))
+    monkeypatch.setattr(
+        compile_module, "lower", lambda *a, **k: (_ for _ in ()).throw(AssertionError("miss"))
+    )
     _compile_mlp(str(tmp_path), seed=1)
 
 

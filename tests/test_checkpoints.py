@@ -63,8 +63,14 @@ def _gpt2(seed: int) -> nn.Module:
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        n_layer=2, n_head=2, n_embd=64, vocab_size=128, n_positions=32, use_cache=False,
-        bos_token_id=0, eos_token_id=0,
+        n_layer=2,
+        n_head=2,
+        n_embd=64,
+        vocab_size=128,
+        n_positions=32,
+        use_cache=False,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return randomize(GPT2LMHeadModel(config), seed)
 
@@ -92,7 +98,11 @@ def test_save_pretrained_writes_several_shards(gpt2) -> None:
 @pytest.mark.parametrize("where", ["directory", "index"])
 def test_refit_from_a_sharded_checkpoint_matches_eager(gpt2, where: str) -> None:
     a, b, compiled, directory = gpt2
-    path = directory if where == "directory" else os.path.join(directory, "model.safetensors.index.json")
+    path = (
+        directory
+        if where == "directory"
+        else os.path.join(directory, "model.safetensors.index.json")
+    )
     refitted = torchrefit.refit_module_weights(compiled, path)
     x = _ids()
     assert_matches(refitted(*x), run_eager(b, *x))
@@ -131,10 +141,16 @@ def _every_dtype() -> dict[str, tuple[str, list[int], bytes]]:
     out = {
         f"extra.{code.lower()}": (code, [6], _bytes(values.to(dtype)))
         for code, dtype in [
-            ("F8_E4M3", torch.float8_e4m3fn), ("F8_E5M2", torch.float8_e5m2),
-            ("F8_E4M3FNUZ", torch.float8_e4m3fnuz), ("F8_E5M2FNUZ", torch.float8_e5m2fnuz),
-            ("F8_E8M0", torch.float8_e8m0fnu), ("C64", torch.complex64), ("BOOL", torch.bool),
-            ("F64", torch.float64), ("BF16", torch.bfloat16), ("I16", torch.int16),
+            ("F8_E4M3", torch.float8_e4m3fn),
+            ("F8_E5M2", torch.float8_e5m2),
+            ("F8_E4M3FNUZ", torch.float8_e4m3fnuz),
+            ("F8_E5M2FNUZ", torch.float8_e5m2fnuz),
+            ("F8_E8M0", torch.float8_e8m0fnu),
+            ("C64", torch.complex64),
+            ("BOOL", torch.bool),
+            ("F64", torch.float64),
+            ("BF16", torch.bfloat16),
+            ("I16", torch.int16),
         ]
     }
     for code, dtype in [("U16", torch.uint16), ("U32", torch.uint32), ("U64", torch.uint64)]:
@@ -179,7 +195,9 @@ def test_a_dtype_torch_lacks_is_refused_by_name_unless_dropped(mlp, tmp_path) ->
     path = write_raw(str(tmp_path / "f6.safetensors"), {**_state(b), **f6})
     with pytest.raises(torchrefit.WeightDtypeError, match=r"'extra\.f6_e3m2'.*F6_E3M2"):
         torchrefit.refit_module_weights(mlp, path)
-    used = write_raw(str(tmp_path / "used.safetensors"), {**_state(b), "fc1.bias": ("F6_E2M3", [32], bytes(24))})
+    used = write_raw(
+        str(tmp_path / "used.safetensors"), {**_state(b), "fc1.bias": ("F6_E2M3", [32], bytes(24))}
+    )
     with pytest.raises(torchrefit.WeightDtypeError, match=r"'fc1\.bias'.*F6_E2M3"):
         torchrefit.refit_module_weights(mlp, used)
 
@@ -191,7 +209,9 @@ class Float8Linear(nn.Module):
     def __init__(self, dtype: torch.dtype = torch.float8_e4m3fn, seed: int = 0) -> None:
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
-        self.w = nn.Parameter((torch.randn(64, 64, generator=gen) * 0.5).to(dtype), requires_grad=False)
+        self.w = nn.Parameter(
+            (torch.randn(64, 64, generator=gen) * 0.5).to(dtype), requires_grad=False
+        )
         self.b = nn.Parameter(torch.randn(64, generator=gen))
         self.register_buffer("u", (torch.arange(64) * (seed + 1)).to(torch.uint16))
 
@@ -200,14 +220,25 @@ class Float8Linear(nn.Module):
 
 
 def _f8_file(path: str, model: nn.Module) -> str:
-    return write_raw(path, {
-        "w": ("F8_E4M3" if model.w.dtype == torch.float8_e4m3fn else "F8_E8M0", list(model.w.shape), _bytes(model.w)),
-        "b": ("F32", [64], _bytes(model.b)),
-        "u": ("U16", [64], _bytes(model.u)),
-    })
+    return write_raw(
+        path,
+        {
+            "w": (
+                "F8_E4M3" if model.w.dtype == torch.float8_e4m3fn else "F8_E8M0",
+                list(model.w.shape),
+                _bytes(model.w),
+            ),
+            "b": ("F32", [64], _bytes(model.b)),
+            "u": ("U16", [64], _bytes(model.u)),
+        },
+    )
 
 
-@pytest.mark.parametrize("settings", [{}, {"dtype": "float32"}, {"dtype": "bfloat16"}], ids=["float8", "float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"dtype": "float32"}, {"dtype": "bfloat16"}],
+    ids=["float8", "float32", "bfloat16"],
+)
 def test_a_float8_weight_refits_into_a_wider_engine(tmp_path, monkeypatch, settings: dict) -> None:
     """float8 bytes streamed (in many chunks) into a float32 or bfloat16 engine buffer, or
     read by the weight program that casts them; a uint16 buffer alongside."""
@@ -217,28 +248,38 @@ def test_a_float8_weight_refits_into_a_wider_engine(tmp_path, monkeypatch, setti
     compiled = torchrefit.compile(a, x, backend="eager", **settings)
     if settings:
         assert compiled._torchrefit.engine_dtypes["w"] == getattr(torch, settings["dtype"])
-    refitted = torchrefit.refit_module_weights(compiled, _f8_file(str(tmp_path / "b.safetensors"), b))
+    refitted = torchrefit.refit_module_weights(
+        compiled, _f8_file(str(tmp_path / "b.safetensors"), b)
+    )
     x = (torch.randn(3, 64),)
     reference = b if not settings else copy.deepcopy(b).to(getattr(torch, settings["dtype"]))
-    expected = run_eager(reference, *(t.to(getattr(torch, settings.get("dtype", "float32"))) for t in x))
+    expected = run_eager(
+        reference, *(t.to(getattr(torch, settings.get("dtype", "float32"))) for t in x)
+    )
     assert_matches(refitted(*x), expected)
     assert_differs(refitted(*x), run_eager(a, *x))
 
 
-def test_a_float8_e8m0_weight_that_overflows_float16_is_refused_before_writing(tmp_path, monkeypatch) -> None:
+def test_a_float8_e8m0_weight_that_overflows_float16_is_refused_before_writing(
+    tmp_path, monkeypatch
+) -> None:
     """e8m0 reaches 2**127: the overflow pass must upcast it to find its peak."""
     monkeypatch.setattr(files, "CHUNK_BYTES", 1000)
     a = Float8Linear(torch.float8_e8m0fnu, seed=0).eval()
     compiled = torchrefit.compile(a, (torch.randn(3, 64),), backend="eager", dtype="float16")
     b = Float8Linear(torch.float8_e8m0fnu, seed=1).eval()
     x = (torch.randn(3, 64),)
-    refitted = torchrefit.refit_module_weights(compiled, _f8_file(str(tmp_path / "b.safetensors"), b), in_place=True)
+    refitted = torchrefit.refit_module_weights(
+        compiled, _f8_file(str(tmp_path / "b.safetensors"), b), in_place=True
+    )
     assert_matches(refitted(*x), run_eager(copy.deepcopy(b).half(), x[0].half()))
     before = compiled(*x)
     with torch.no_grad():
         b.w[-1, -1] = 2.0**20  # beyond float16's 65504, in the last chunk
     with pytest.raises(torchrefit.WeightValueError, match=r"'w'.*1\.049e\+06"):
-        torchrefit.refit_module_weights(compiled, _f8_file(str(tmp_path / "big.safetensors"), b), in_place=True)
+        torchrefit.refit_module_weights(
+            compiled, _f8_file(str(tmp_path / "big.safetensors"), b), in_place=True
+        )
     assert torch.equal(compiled(*x), before)
 
 
@@ -266,20 +307,33 @@ def test_a_weight_that_cannot_be_cast_into_the_engine_dtype_is_refused_by_name(t
 @pytest.mark.parametrize(
     "source, target",
     [
-        (torch.float8_e4m3fn, torch.float32), (torch.float8_e5m2, torch.bfloat16),
-        (torch.float8_e8m0fnu, torch.float32), (torch.float8_e4m3fn, torch.float8_e4m3fn),
-        (torch.uint16, torch.uint16), (torch.uint32, torch.uint32), (torch.uint64, torch.uint64),
-        (torch.uint16, torch.float32), (torch.bool, torch.float16),
+        (torch.float8_e4m3fn, torch.float32),
+        (torch.float8_e5m2, torch.bfloat16),
+        (torch.float8_e8m0fnu, torch.float32),
+        (torch.float8_e4m3fn, torch.float8_e4m3fn),
+        (torch.uint16, torch.uint16),
+        (torch.uint32, torch.uint32),
+        (torch.uint64, torch.uint64),
+        (torch.uint16, torch.float32),
+        (torch.bool, torch.float16),
     ],
     ids=str,
 )
-def test_chunked_copy_streams_every_dtype_into_its_buffer(tmp_path, monkeypatch, source, target) -> None:
+def test_chunked_copy_streams_every_dtype_into_its_buffer(
+    tmp_path, monkeypatch, source, target
+) -> None:
     """The commit stage's copy: file bytes in chunks of 24 bytes (cutting elements of no
     dtype), each cast by copy_ into the engine buffer."""
     monkeypatch.setattr(files, "CHUNK_BYTES", 24)
-    values = (torch.randn(50) * 4).abs().to(source) if source.is_floating_point else (torch.arange(50) * 7 % 5).to(source)
+    values = (
+        (torch.randn(50) * 4).abs().to(source)
+        if source.is_floating_point
+        else (torch.arange(50) * 7 % 5).to(source)
+    )
     path = str(tmp_path / "one.safetensors")
-    save_file({"t": values}, path) if source != torch.float8_e8m0fnu else write_raw(path, {"t": ("F8_E8M0", [50], _bytes(values))})
+    save_file({"t": values}, path) if source != torch.float8_e8m0fnu else write_raw(
+        path, {"t": ("F8_E8M0", [50], _bytes(values))}
+    )
     t = files.index_safetensors(path)["t"]
     dst = torch.full((50,), 3, dtype=target)
     with open(path, "rb") as f, commit._Chunks(torch.device("cpu")) as chunks:
@@ -293,7 +347,10 @@ def test_peak_magnitude_of_float8_chunks(tmp_path, monkeypatch) -> None:
     path = str(tmp_path / "p.safetensors")
     save_file({"t": values}, path)
     scratch = torch.empty(files.buffer_bytes(), dtype=torch.uint8)
-    assert files.peak_magnitude(files.index_safetensors(path)["t"], scratch) == values.float().abs().max().item()
+    assert (
+        files.peak_magnitude(files.index_safetensors(path)["t"], scratch)
+        == values.float().abs().max().item()
+    )
 
 
 # -- malformed headers: refused typed, naming the file, as the safetensors library does --
@@ -316,16 +373,22 @@ MALFORMED: dict[str, Callable[[], bytes]] = {
     "shorter_than_8_bytes": lambda: b"\x01\0\0",
     "header_longer_than_file": lambda: _raw(b'{"a":1}', size=1000),
     "header_over_the_size_limit": lambda: _raw(b"{}" + b" " * 100_000_001),
-    "header_not_utf8": lambda: _raw(b'{"\xff":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', Z),
+    "header_not_utf8": lambda: _raw(
+        b'{"\xff":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', Z
+    ),
     "header_not_json": lambda: _raw(b'{"a": ', Z),
     "header_not_an_object": lambda: _json([1, 2]),
-    "trailing_characters_after_json": lambda: _raw(b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}xx', Z),
+    "trailing_characters_after_json": lambda: _raw(
+        b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}xx', Z
+    ),
     "float_offsets": lambda: _json({"a": _t(offsets=[0.0, 8.0])}, Z),
     "string_offsets": lambda: _json({"a": _t(offsets=["0", "8"])}, Z),
     "three_offsets": lambda: _json({"a": _t(offsets=[0, 8, 8])}, Z),
     "float_dims": lambda: _json({"a": _t(shape=[2.0])}, Z),
     "string_dims": lambda: _json({"a": _t(shape=["2"])}, Z),
-    "boolean_dims": lambda: _raw(b'{"a":{"dtype":"F32","shape":[true],"data_offsets":[0,4]}}', Z[:4]),
+    "boolean_dims": lambda: _raw(
+        b'{"a":{"dtype":"F32","shape":[true],"data_offsets":[0,4]}}', Z[:4]
+    ),
     "negative_dims": lambda: _json({"a": _t(shape=[-2, -1])}, Z),
     "nan_dims": lambda: _raw(b'{"a":{"dtype":"F32","shape":[NaN],"data_offsets":[0,8]}}', Z),
     "overlapping_tensors": lambda: _json({"a": _t(), "b": _t(offsets=[4, 12])}, Z + Z[:4]),
@@ -343,7 +406,9 @@ MALFORMED: dict[str, Callable[[], bytes]] = {
     "metadata_not_str_to_str": lambda: _json({"a": _t(), "__metadata__": {"k": 1}}, Z),
     "metadata_a_tensor": lambda: _json({"__metadata__": _t()}, Z),
     "tensor_entry_null": lambda: _json({"a": None}),
-    "sub_byte_tensor_ends_mid_byte": lambda: _json({"a": _t(dtype="F4", shape=[3], offsets=[0, 2])}, Z[:2]),
+    "sub_byte_tensor_ends_mid_byte": lambda: _json(
+        {"a": _t(dtype="F4", shape=[3], offsets=[0, 2])}, Z[:2]
+    ),
 }
 
 
@@ -360,17 +425,30 @@ def test_a_malformed_file_is_refused_typed_naming_it(mlp, tmp_path, name: str) -
 # -- the index file is data ----------------------------------------------------------------
 
 
-def _sharded(directory, model: nn.Module, index: dict | None = None, name: str = "model.safetensors.index.json") -> str:
+def _sharded(
+    directory,
+    model: nn.Module,
+    index: dict | None = None,
+    name: str = "model.safetensors.index.json",
+) -> str:
     """fc1 and fc2 in one shard, fc3 in another, and an index saying so (or `index`)."""
     state = model.state_dict()
-    shards = {"a.safetensors": [k for k in state if not k.startswith("fc3")], "b.safetensors": [k for k in state if k.startswith("fc3")]}
+    shards = {
+        "a.safetensors": [k for k in state if not k.startswith("fc3")],
+        "b.safetensors": [k for k in state if k.startswith("fc3")],
+    }
     os.makedirs(directory, exist_ok=True)
     for shard, names in shards.items():
         save_file({k: state[k] for k in names}, os.path.join(directory, shard))
     weight_map = {k: shard for shard, names in shards.items() for k in names}
     path = os.path.join(directory, name)
     with open(path, "w") as f:
-        json.dump(index if index is not None else {"metadata": {"total_size": 1}, "weight_map": weight_map}, f)
+        json.dump(
+            index
+            if index is not None
+            else {"metadata": {"total_size": 1}, "weight_map": weight_map},
+            f,
+        )
     return path
 
 
@@ -379,11 +457,15 @@ def test_a_hand_made_sharded_checkpoint_refits(mlp, tmp_path) -> None:
     index = _sharded(tmp_path / "ckpt", b)
     x = MLP.inputs()
     assert_matches(torchrefit.refit_module_weights(mlp, index)(*x), run_eager(b, *x))
-    assert_matches(torchrefit.refit_module_weights(mlp, str(tmp_path / "ckpt"))(*x), run_eager(b, *x))
+    assert_matches(
+        torchrefit.refit_module_weights(mlp, str(tmp_path / "ckpt"))(*x), run_eager(b, *x)
+    )
 
 
 def _weight_map(b: nn.Module, **changes: str | None) -> dict[str, object]:
-    weight_map: dict[str, object] = {k: "b.safetensors" if k.startswith("fc3") else "a.safetensors" for k in b.state_dict()}
+    weight_map: dict[str, object] = {
+        k: "b.safetensors" if k.startswith("fc3") else "a.safetensors" for k in b.state_dict()
+    }
     weight_map.update(changes)
     return {"weight_map": {k: v for k, v in weight_map.items() if v is not None}}
 
@@ -395,15 +477,25 @@ BAD_INDEXES: dict[str, tuple[Callable[[nn.Module], dict | str], str]] = {
     "weight_map_not_an_object": (lambda b: '{"weight_map": ["a.safetensors"]}', "weight_map"),
     "shard_not_a_string": (lambda b: _weight_map(b, **{"fc1.bias": 3}), "fc1.bias"),  # type: ignore[arg-type]
     "duplicate_name": (
-        lambda b: json.dumps(_weight_map(b))[:-2] + ', "fc1.bias": "b.safetensors"}}', "fc1.bias.*twice"
+        lambda b: json.dumps(_weight_map(b))[:-2] + ', "fc1.bias": "b.safetensors"}}',
+        "fc1.bias.*twice",
     ),
     "parent_directory": (lambda b: _weight_map(b, **{"fc3.bias": "../b.safetensors"}), r"\.\./b"),
     "absolute_path": (lambda b: _weight_map(b, **{"fc3.bias": "/etc/b.safetensors"}), "/etc/b"),
     "subdirectory": (lambda b: _weight_map(b, **{"fc3.bias": "sub/b.safetensors"}), "sub/b"),
     "dot_dot": (lambda b: _weight_map(b, **{"fc3.bias": ".."}), r"'\.\.'"),
-    "missing_shard": (lambda b: _weight_map(b, **{"fc3.bias": "c.safetensors"}), "c.safetensors.*does not exist"),
-    "name_not_in_its_shard": (lambda b: _weight_map(b, **{"fc3.bias": "a.safetensors"}), "fc3.bias.*a.safetensors"),
-    "shard_holds_an_unlisted_name": (lambda b: _weight_map(b, **{"fc3.bias": None}), "b.safetensors.*fc3.bias"),
+    "missing_shard": (
+        lambda b: _weight_map(b, **{"fc3.bias": "c.safetensors"}),
+        "c.safetensors.*does not exist",
+    ),
+    "name_not_in_its_shard": (
+        lambda b: _weight_map(b, **{"fc3.bias": "a.safetensors"}),
+        "fc3.bias.*a.safetensors",
+    ),
+    "shard_holds_an_unlisted_name": (
+        lambda b: _weight_map(b, **{"fc3.bias": None}),
+        "b.safetensors.*fc3.bias",
+    ),
 }
 
 
@@ -414,7 +506,9 @@ def test_a_bad_index_is_refused_naming_it(mlp, tmp_path, name: str) -> None:
     content = build(MLP.build(1))
     with open(index, "w") as f:
         f.write(content if isinstance(content, str) else json.dumps(content))
-    with pytest.raises(torchrefit.IncompatibleWeightsError, match="model.safetensors.index.json") as error:
+    with pytest.raises(
+        torchrefit.IncompatibleWeightsError, match="model.safetensors.index.json"
+    ) as error:
         torchrefit.refit_module_weights(mlp, index)
     assert re.search(pattern, str(error.value)), str(error.value)
 
@@ -423,8 +517,18 @@ def test_a_name_in_two_shards_names_both(mlp, tmp_path) -> None:
     b = MLP.build(1)
     index = _sharded(tmp_path, b)
     state = b.state_dict()
-    save_file({"fc3.weight": state["fc3.weight"], "fc3.bias": state["fc3.bias"], "fc1.bias": state["fc1.bias"]}, str(tmp_path / "b.safetensors"))
-    with pytest.raises(torchrefit.IncompatibleWeightsError, match=r"'b\.safetensors' holds 'fc1\.bias'.*'a\.safetensors'"):
+    save_file(
+        {
+            "fc3.weight": state["fc3.weight"],
+            "fc3.bias": state["fc3.bias"],
+            "fc1.bias": state["fc1.bias"],
+        },
+        str(tmp_path / "b.safetensors"),
+    )
+    with pytest.raises(
+        torchrefit.IncompatibleWeightsError,
+        match=r"'b\.safetensors' holds 'fc1\.bias'.*'a\.safetensors'",
+    ):
         torchrefit.refit_module_weights(mlp, index)
 
 
@@ -466,7 +570,9 @@ def test_a_directory_without_one_checkpoint_is_refused(mlp, tmp_path) -> None:
     x = MLP.inputs()
     assert_matches(torchrefit.refit_module_weights(mlp, str(tmp_path))(*x), run_eager(b, *x))
     save_file(b.state_dict(), str(tmp_path / "two.safetensors"))
-    with pytest.raises(torchrefit.IncompatibleWeightsError, match="one.safetensors.*two.safetensors"):
+    with pytest.raises(
+        torchrefit.IncompatibleWeightsError, match="one.safetensors.*two.safetensors"
+    ):
         torchrefit.refit_module_weights(mlp, str(tmp_path))
 
 

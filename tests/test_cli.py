@@ -20,7 +20,11 @@ TESTS = Path(__file__).parent
 def run(*args: str) -> subprocess.CompletedProcess:
     env = {"PYTHONPATH": str(TESTS), "PATH": "/usr/bin:/bin"}
     return subprocess.run(
-        [sys.executable, "-m", "torchrefit.cli", *args], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "torchrefit.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
 
 
@@ -47,7 +51,11 @@ def test_inspect(saved) -> None:
     _, path = saved
     text = run("inspect", str(path))
     assert text.returncode == 0, text.stderr
-    assert "fc1.weight" in text.stdout and "float32[32, 16]" in text.stdout and "fingerprint" in text.stdout
+    assert (
+        "fc1.weight" in text.stdout
+        and "float32[32, 16]" in text.stdout
+        and "fingerprint" in text.stdout
+    )
     summary = json.loads(run("inspect", str(path), "--json").stdout)
     assert summary["weight_bytes"] == sum(c["bytes"] for c in summary["constants"]) > 0
     assert summary["settings"]["backend"] == "eager"
@@ -60,7 +68,16 @@ def test_refit_with_a_prefixed_checkpoint(saved, tmp_path) -> None:
     b = randomize(MLP(), 1)
     save_file({f"model.{k}": v for k, v in b.state_dict().items()}, str(tmp_path / "b.safetensors"))
     out = tmp_path / "b.trf"
-    result = run("refit", str(path), str(tmp_path / "b.safetensors"), "-o", str(out), "--strip-prefix", "model.", "--verify")
+    result = run(
+        "refit",
+        str(path),
+        str(tmp_path / "b.safetensors"),
+        "-o",
+        str(out),
+        "--strip-prefix",
+        "model.",
+        "--verify",
+    )
     assert result.returncode == 0, result.stderr
     x = torch.randn(4, 16)
     with torch.no_grad():
@@ -75,7 +92,9 @@ def test_errors_exit_non_zero_with_the_message(saved, tmp_path) -> None:
     assert missing.returncode == 1 and "not a torchrefit file" in missing.stderr
     other = torch.nn.Linear(3, 3)
     save_file(other.state_dict(), str(tmp_path / "other.safetensors"))
-    wrong = run("refit", str(path), str(tmp_path / "other.safetensors"), "-o", str(tmp_path / "x.trf"))
+    wrong = run(
+        "refit", str(path), str(tmp_path / "other.safetensors"), "-o", str(tmp_path / "x.trf")
+    )
     assert wrong.returncode == 1 and "fc1.weight" in wrong.stderr
     assert not (tmp_path / "x.trf").exists()
     usage = run("refit", str(path))
@@ -84,7 +103,9 @@ def test_errors_exit_non_zero_with_the_message(saved, tmp_path) -> None:
 
 def test_compile_from_a_factory(tmp_path) -> None:
     out = tmp_path / "c.trf"
-    result = run("compile", "models:MLP", "--input", "4,16", "--set", "backend=eager", "-o", str(out))
+    result = run(
+        "compile", "models:MLP", "--input", "4,16", "--set", "backend=eager", "-o", str(out)
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(run("inspect", str(out), "--json").stdout)
     assert any(c["name"] == "fc3.bias" for c in summary["constants"])
@@ -106,9 +127,22 @@ def test_compile_finds_factories_in_the_current_directory(tmp_path) -> None:
     if not script.exists():
         pytest.skip("the torchrefit console script is not installed beside this Python")
     result = subprocess.run(
-        [str(script), "compile", "mypkg.models:make_model", "--input", "2,4",
-         "--set", "backend=eager", "-o", str(out)],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        [
+            str(script),
+            "compile",
+            "mypkg.models:make_model",
+            "--input",
+            "2,4",
+            "--set",
+            "backend=eager",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert out.exists()

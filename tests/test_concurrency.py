@@ -30,7 +30,13 @@ def one_thread():
 def _two_weight_sets():
     case = CASES["mlp"]
     a, b = case.build(0), case.build(1)
-    return case, a, b, {k: v.clone() for k, v in a.state_dict().items()}, {k: v.clone() for k, v in b.state_dict().items()}
+    return (
+        case,
+        a,
+        b,
+        {k: v.clone() for k, v in a.state_dict().items()},
+        {k: v.clone() for k, v in b.state_dict().items()},
+    )
 
 
 def _outputs_of(compiled, weights_a, weights_b, x):
@@ -81,14 +87,18 @@ def _hammer(call, refit, outputs) -> tuple[int, int]:
         pytest.param("inductor", True, marks=pytest.mark.inductor),
     ],
 )
-def test_calls_during_refits_see_one_complete_weight_set(one_thread, backend: str, double_buffer: bool) -> None:
+def test_calls_during_refits_see_one_complete_weight_set(
+    one_thread, backend: str, double_buffer: bool
+) -> None:
     case, a, _, weights_a, weights_b = _two_weight_sets()
     x = case.inputs()[0]
     compiled = torchrefit.compile(a, (x,), backend=backend, double_buffer=double_buffer)
     outputs = _outputs_of(compiled, weights_a, weights_b, x)
     sets = (weights_a, weights_b)
     calls, torn = _hammer(
-        lambda: compiled(x), lambda i: torchrefit.refit_module_weights(compiled, sets[i], in_place=True), outputs
+        lambda: compiled(x),
+        lambda i: torchrefit.refit_module_weights(compiled, sets[i], in_place=True),
+        outputs,
     )
     assert calls >= 200
     assert torn == 0, f"{torn} of {calls} calls computed with a mix of weights"
@@ -212,7 +222,11 @@ def test_finiteness_nan_anywhere_and_new_inf_are_refused(double_buffer: bool) ->
     torchrefit.refit_module_weights(compiled, b, in_place=True)  # the mask's -inf is kept
     assert_matches(compiled(x), run_eager(b, x))
     before = compiled(x)
-    for name, value in (("proj.weight", float("nan")), ("proj.bias", float("inf")), ("mask", float("nan"))):
+    for name, value in (
+        ("proj.weight", float("nan")),
+        ("proj.bias", float("inf")),
+        ("mask", float("nan")),
+    ):
         bad = {k: v.clone() for k, v in b.state_dict().items()}
         bad[name].view(-1)[0] = value
         with pytest.raises(torchrefit.WeightValueError, match=name.replace(".", r"\.")):

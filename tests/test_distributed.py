@@ -28,7 +28,13 @@ def _worker(rank: int, init: str, scenario: str, results: str) -> None:
     import torchrefit
 
     try:
-        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=20))
+        dist.init_process_group(
+            "gloo",
+            init_method=init,
+            rank=rank,
+            world_size=WORLD,
+            timeout=datetime.timedelta(seconds=20),
+        )
         x = torch.randn(4, 16, generator=torch.Generator().manual_seed(7))
         if rank == 0:
             trainer = _model(1)
@@ -46,7 +52,9 @@ def _worker(rank: int, init: str, scenario: str, results: str) -> None:
             return
         dtype = "bfloat16" if scenario == "bf16" and rank == 2 else None
         model = _model(0) if not (scenario == "mismatch" and rank == 2) else torch.nn.Linear(16, 4)
-        compiled = torchrefit.compile(model, (x,), backend="eager", dtype=dtype, double_buffer=rank == 1)
+        compiled = torchrefit.compile(
+            model, (x,), backend="eager", dtype=dtype, double_buffer=rank == 1
+        )
         try:
             sync = torchrefit.distributed.WeightSync(compiled=compiled, src=0, timeout=5)
         except torchrefit.IncompatibleWeightsError as exc:
@@ -78,7 +86,9 @@ def _compare(compiled, sync, x, dtype) -> float:
         x = x.to(getattr(torch, dtype))
     with torch.no_grad():
         expected = eager(x)
-    return float((compiled(x).float() - expected.float()).abs().max() / expected.float().abs().max())
+    return float(
+        (compiled(x).float() - expected.float()).abs().max() / expected.float().abs().max()
+    )
 
 
 def _run(tmp_path, scenario: str) -> dict[int, str]:
@@ -86,7 +96,9 @@ def _run(tmp_path, scenario: str) -> dict[int, str]:
     results = tmp_path / "results"
     results.mkdir()
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, init, scenario, str(results))) for r in range(WORLD)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, init, scenario, str(results))) for r in range(WORLD)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -94,7 +106,10 @@ def _run(tmp_path, scenario: str) -> dict[int, str]:
         if p.is_alive():
             p.kill()
             pytest.fail(f"a {scenario} rank hung")
-    return {r: (results / str(r)).read_text() if (results / str(r)).exists() else "" for r in range(WORLD)}
+    return {
+        r: (results / str(r)).read_text() if (results / str(r)).exists() else ""
+        for r in range(WORLD)
+    }
 
 
 def test_replicas_follow_the_trainer_exactly(tmp_path) -> None:

@@ -21,7 +21,9 @@ from torchrefit.cli import main
 
 from cases import CASES
 
-FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+FUZZ = settings(
+    max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True
+)
 COUNT: dict[str, int] = {"cases": 0, "untyped": 0}
 
 
@@ -80,8 +82,14 @@ def test_corrupted_bytes_are_refused_or_harmless(original, tmp_path_factory, dat
 
 
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-(1 << 62), 1 << 62) | st.floats() | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(-(1 << 62), 1 << 62)
+    | st.floats()
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -169,14 +177,17 @@ def test_a_crash_cannot_hide_in_process(original, tmp_path) -> None:
     raw, _, _ = original
     script = (
         "import sys, torchrefit\n"
-        "try:\n    torchrefit.load(sys.argv[1])\nexcept torchrefit.TorchRefitError:\n    sys.exit(1)\n"
+        "try:\n    torchrefit.load(sys.argv[1])\n"
+        "except torchrefit.TorchRefitError:\n    sys.exit(1)\n"
     )
     for i, offset in enumerate((30, len(raw) // 2, len(raw) - 30)):
         blob = bytearray(raw)
         blob[offset] ^= 0xFF
         path = tmp_path / f"p{i}.trf"
         path.write_bytes(bytes(blob))
-        done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(path)], capture_output=True, timeout=120
+        )
         assert done.returncode in (0, 1), done.stderr.decode()[-2000:]
 
 

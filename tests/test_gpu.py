@@ -20,7 +20,10 @@ def test_cuda_float16_refit_matches_eager(name: str) -> None:
     case = CASES[name]
     a = case.build(0).cuda().half()
     b = case.build(1).cuda().half()
-    inputs = lambda: tuple(x.cuda().half() if x.is_floating_point() else x.cuda() for x in case.inputs())  # noqa: E731
+
+    def inputs() -> tuple[torch.Tensor, ...]:
+        return tuple(x.cuda().half() if x.is_floating_point() else x.cuda() for x in case.inputs())
+
     compiled = torchrefit.compile(a, inputs())
     x = inputs()
     assert_matches(compiled(*x), run_eager(a, *x))
@@ -90,7 +93,9 @@ def test_gather_copy_kernel_copies_every_tensor_exactly() -> None:
 def test_cuda_mutable_module_with_lora() -> None:
     peft = pytest.importorskip("peft")
     case = CASES["bert"]
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False
+    )
     model = peft.get_peft_model(case.build(0).cuda().half(), config).eval()
     mutable = torchrefit.MutableModule(model)
     ids = lambda: (case.inputs()[0].cuda(),)  # noqa: E731

@@ -32,7 +32,13 @@ def test_refuses_arbitrary_targets() -> None:
         graph_to_json(graph)
     stored = [
         {"name": "x", "op": "placeholder", "args": {"tuple": []}, "kwargs": {}},
-        {"name": "y", "op": "call_function", "target": "os.system", "args": {"tuple": [{"node": "x"}]}, "kwargs": {}},
+        {
+            "name": "y",
+            "op": "call_function",
+            "target": "os.system",
+            "args": {"tuple": [{"node": "x"}]},
+            "kwargs": {},
+        },
     ]
     with pytest.raises(torchrefit.UnsupportedGraphError, match="os.system"):
         graph_from_json(stored)

@@ -103,17 +103,27 @@ def test_argument_names_are_not_structure_and_ranges_key_the_cache(tmp_path, mon
             return self.fc(inputs)
 
     a, b = Named().eval(), Renamed().eval()
-    ea = torch.export.export(a, (torch.randn(3, 4),), dynamic_shapes={"x": {0: Dim("batch", max=64)}})
-    eb = torch.export.export(b, (torch.randn(3, 4),), dynamic_shapes={"inputs": {0: Dim("n", max=64)}})
-    compiled = torchrefit.compile(ea, (torch.randn(3, 4),), backend="eager", cache_dir=str(tmp_path))
+    ea = torch.export.export(
+        a, (torch.randn(3, 4),), dynamic_shapes={"x": {0: Dim("batch", max=64)}}
+    )
+    eb = torch.export.export(
+        b, (torch.randn(3, 4),), dynamic_shapes={"inputs": {0: Dim("n", max=64)}}
+    )
+    compiled = torchrefit.compile(
+        ea, (torch.randn(3, 4),), backend="eager", cache_dir=str(tmp_path)
+    )
     import torchrefit.refit.match as match
 
     with monkeypatch.context() as patch:
-        patch.setattr(match, "lower", lambda *a, **k: (_ for _ in ()).throw(AssertionError("slow path")))
+        patch.setattr(
+            match, "lower", lambda *a, **k: (_ for _ in ()).throw(AssertionError("slow path"))
+        )
         refitted = torchrefit.refit_module_weights(compiled, eb)  # the fast path
     x = torch.randn(5, 4)
     assert torch.allclose(refitted(x), b(x))
-    ec = torch.export.export(a, (torch.randn(3, 4),), dynamic_shapes={"x": {0: Dim("batch", max=16)}})
+    ec = torch.export.export(
+        a, (torch.randn(3, 4),), dynamic_shapes={"x": {0: Dim("batch", max=16)}}
+    )
     torchrefit.compile(ec, (torch.randn(3, 4),), backend="eager", cache_dir=str(tmp_path))
     torchrefit.compile(eb, (torch.randn(3, 4),), backend="eager", cache_dir=str(tmp_path))
     assert len(list(tmp_path.glob("*.trf"))) == 2  # ranges 64 (twice, one entry) and 16

@@ -90,7 +90,9 @@ def test_placeholder_without_role_is_a_compile_time_error() -> None:
 def test_every_engine_constant_has_lineage() -> None:
     for name in ("conv_bn_folded", "bert", "gpt2", "tied_embeddings"):
         case = CASES[name]
-        compiled = torchrefit.compile(case.build(0), case.inputs(), backend="eager", **case.settings)
+        compiled = torchrefit.compile(
+            case.build(0), case.inputs(), backend="eager", **case.settings
+        )
         keys = {k for child in compiled.children() for k in child.constant_keys}
         assert keys <= set(compiled.weight_map()), name
         for key, lineage in compiled.weight_map().items():

@@ -27,11 +27,22 @@ def mlp_inputs():
 
 @pytest.mark.parametrize(
     "change",
-    ["load_state_dict", "in_place_mul", "replaced_parameter", "optimizer_step", "data_write", "buffer_update"],
+    [
+        "load_state_dict",
+        "in_place_mul",
+        "replaced_parameter",
+        "optimizer_step",
+        "data_write",
+        "buffer_update",
+    ],
 )
 def test_weight_changes_refit_without_recompiling(change: str) -> None:
-    model = randomize(ConvBNWithRunningStats(), 0) if change == "buffer_update" else randomize(MLP(), 0)
-    make_inputs = (lambda: (torch.randn(2, 3, 12, 12),)) if change == "buffer_update" else mlp_inputs
+    model = (
+        randomize(ConvBNWithRunningStats(), 0) if change == "buffer_update" else randomize(MLP(), 0)
+    )
+    make_inputs = (
+        (lambda: (torch.randn(2, 3, 12, 12),)) if change == "buffer_update" else mlp_inputs
+    )
     mutable = _wrap(model)
     _check(mutable, model, make_inputs)
     with torch.no_grad():
@@ -116,7 +127,9 @@ def test_lora_merge_and_unmerge_stay_exact() -> None:
     peft = pytest.importorskip("peft")
     case = CASES["bert"]
     base = case.build(0)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False
+    )
     model = peft.get_peft_model(base, config).eval()
     mutable = _wrap(model)
     _check(mutable, model, case.inputs)

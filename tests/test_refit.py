@@ -213,7 +213,9 @@ def test_verification_failure_raises_and_rolls_back(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(verify, "_reference", lambda *args: run_eager(a, *x) * 2)
     with pytest.raises(torchrefit.RefitVerificationError, match="relative error"):
-        torchrefit.refit_module_weights(compiled, b, arg_inputs=x, verify_output=True, in_place=True)
+        torchrefit.refit_module_weights(
+            compiled, b, arg_inputs=x, verify_output=True, in_place=True
+        )
     assert torch.equal(compiled(*x), before)
 
 
@@ -223,7 +225,13 @@ def test_weight_map_records_batch_norm_folding() -> None:
     folded = {k: v for k, v in compiled.weight_map().items() if v.kind == "program"}
     assert "~bn_folded:conv1.weight" in folded
     sources = set(folded["~bn_folded:conv1.bias"].sources)
-    assert {"bn1.running_mean", "bn1.running_var", "bn1.weight", "bn1.bias", "conv1.bias"} <= sources
+    assert {
+        "bn1.running_mean",
+        "bn1.running_var",
+        "bn1.weight",
+        "bn1.bias",
+        "conv1.bias",
+    } <= sources
     # the folded convolution's raw weights are not engine constants any more
     assert "conv1.weight" not in compiled._torchrefit.store.tensors
 
@@ -236,7 +244,10 @@ def test_kwarg_inputs() -> None:
     compiled = torchrefit.compile(a, (ids,), {"attention_mask": mask}, **EAGER)
     refitted = torchrefit.refit_module_weights(compiled, b)
     mask[1, 5:] = 0
-    assert_matches(refitted(ids, attention_mask=mask), run_eager(b, ids) if False else b(ids, attention_mask=mask))
+    assert_matches(
+        refitted(ids, attention_mask=mask),
+        run_eager(b, ids) if False else b(ids, attention_mask=mask),
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -246,7 +257,11 @@ def test_dtype_setting_casts_weights_and_inputs(dtype: torch.dtype) -> None:
     case = CASES["conv_bn"]
     a, b = case.build(0), case.build(1)
     compiled = torchrefit.compile(a, case.inputs(), dtype=dtype, **EAGER)
-    assert all(t.dtype == dtype for t in compiled._torchrefit.store.tensors.values() if t.is_floating_point())
+    assert all(
+        t.dtype == dtype
+        for t in compiled._torchrefit.store.tensors.values()
+        if t.is_floating_point()
+    )
     assert {v.kind for k, v in compiled.weight_map().items() if not k.startswith("~")} == {"cast"}
     refitted = torchrefit.refit_module_weights(compiled, b)  # float32 weights, cast on the way in
     x = case.inputs()
@@ -316,9 +331,15 @@ def test_misaligned_safetensors_tensors_are_read_right(tmp_path) -> None:
 
     from torchrefit.refit.files import index_safetensors, read_tensor
 
-    values = {"a": torch.ones(3, dtype=torch.int8), "b": torch.randn(5, 7), "c": torch.randn(2, dtype=torch.float16)}
+    values = {
+        "a": torch.ones(3, dtype=torch.int8),
+        "b": torch.randn(5, 7),
+        "c": torch.randn(2, dtype=torch.float16),
+    }
     save_file(values, str(tmp_path / "m.safetensors"))
-    read = {k: read_tensor(t) for k, t in index_safetensors(str(tmp_path / "m.safetensors")).items()}
+    read = {
+        k: read_tensor(t) for k, t in index_safetensors(str(tmp_path / "m.safetensors")).items()
+    }
     for k, v in values.items():
         assert torch.equal(read[k], v), k
 
@@ -353,11 +374,18 @@ def test_name_map_for_prefixed_checkpoints(tmp_path) -> None:
     def strip(name: str) -> str | None:
         return None if name.startswith("optimizer.") else name.removeprefix("model.")
 
-    refitted = torchrefit.refit_module_weights(compiled, str(tmp_path / "ckpt.safetensors"), name_map=strip)
+    refitted = torchrefit.refit_module_weights(
+        compiled, str(tmp_path / "ckpt.safetensors"), name_map=strip
+    )
     x = case.inputs()
     assert_matches(refitted(*x), run_eager(b, *x))
-    renamed = {"layer1.weight": b.fc1.weight, **{k: v for k, v in b.state_dict().items() if k != "fc1.weight"}}
-    refitted = torchrefit.refit_module_weights(compiled, renamed, name_map={"layer1.weight": "fc1.weight"})
+    renamed = {
+        "layer1.weight": b.fc1.weight,
+        **{k: v for k, v in b.state_dict().items() if k != "fc1.weight"},
+    }
+    refitted = torchrefit.refit_module_weights(
+        compiled, renamed, name_map={"layer1.weight": "fc1.weight"}
+    )
     assert_matches(refitted(*x), run_eager(b, *x))
     with pytest.raises(torchrefit.IncompatibleWeightsError, match="both"):
         torchrefit.refit_module_weights(compiled, renamed, name_map=lambda n: "fc1.weight")

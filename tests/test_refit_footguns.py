@@ -125,11 +125,15 @@ def _as_module(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[Any,
     return model, {}
 
 
-def _as_module_slow(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, dict[str, Any]]:
+def _as_module_slow(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...]
+) -> tuple[Any, dict[str, Any]]:
     return model, {"use_weight_map_cache": False, "arg_inputs": inputs}
 
 
-def _as_state_dict(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, dict[str, Any]]:
+def _as_state_dict(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...]
+) -> tuple[Any, dict[str, Any]]:
     return clone_state(model), {}
 
 
@@ -137,7 +141,9 @@ def _as_program(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[Any
     return torch.export.export(model, inputs), {}
 
 
-def _as_program_slow(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, dict[str, Any]]:
+def _as_program_slow(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...]
+) -> tuple[Any, dict[str, Any]]:
     return torch.export.export(model, inputs), {"use_weight_map_cache": False, "arg_inputs": inputs}
 
 
@@ -246,7 +252,9 @@ def test_tied_weights_given_two_values_are_refused():
     assert_refused(compiled, state, IncompatibleWeightsError, names, TIED.inputs())
 
 
-@pytest.mark.parametrize("keys", [("embed.weight", "out.weight"), ("embed.weight",), ("out.weight",)])
+@pytest.mark.parametrize(
+    "keys", [("embed.weight", "out.weight"), ("embed.weight",), ("out.weight",)]
+)
 def test_tied_weights_given_once_or_twice_compute_right(keys):
     model_a, model_b = TIED.model(0), TIED.model(1)
     compiled = TIED.compile(model_a)
@@ -275,7 +283,11 @@ def _offset_transposed(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 NON_CONTIGUOUS = Case(models.NonContiguousWeight, lambda: (torch.randn(4, 6),))
-LAYOUTS = {"transposed": _transposed, "offset_view": _offset_view, "offset_transposed": _offset_transposed}
+LAYOUTS = {
+    "transposed": _transposed,
+    "offset_view": _offset_view,
+    "offset_transposed": _offset_transposed,
+}
 
 
 @pytest.mark.parametrize("in_place", [False, True])
@@ -345,7 +357,9 @@ def test_no_stale_weights_after_refit(name, form):
             assert_differs(out, old)
 
 
-@pytest.mark.parametrize("buffer", ["bn1.running_var", "bn2.running_var", "bn1.running_mean", "bn2.weight"])
+@pytest.mark.parametrize(
+    "buffer", ["bn1.running_var", "bn2.running_var", "bn1.running_mean", "bn2.weight"]
+)
 def test_batch_norm_statistics_alone_change_outputs(buffer):
     """Only one batch norm tensor changes: the folded convolution weights must be recomputed."""
     case = CASES["conv_bn_folded"]
@@ -353,7 +367,11 @@ def test_batch_norm_statistics_alone_change_outputs(buffer):
     compiled = case.compile(model_a)
     model_b = copy.deepcopy(model_a)
     with torch.no_grad():
-        tensor = model_b.get_parameter(buffer) if buffer.endswith("weight") else model_b.get_buffer(buffer)
+        tensor = (
+            model_b.get_parameter(buffer)
+            if buffer.endswith("weight")
+            else model_b.get_buffer(buffer)
+        )
         tensor.mul_(4.0).add_(0.5)
     state_b = clone_state(model_b)
     changed = [k for k, v in state_b.items() if not torch.equal(v, model_a.state_dict()[k])]
@@ -406,7 +424,8 @@ def _sequential() -> nn.Module:
 
 
 def test_sequential_model_refits():
-    """nn.Sequential (forward's argument is named `input`) compiles, and refits without stale weights."""
+    """nn.Sequential (forward's argument is named `input`) compiles and refits without stale
+    weights."""
     case = Case(_sequential, MLP.inputs)
     model_a, model_b = case.model(0), case.model(1)
     refitted = torchrefit.refit_module_weights(case.compile(model_a), model_b)
@@ -443,7 +462,8 @@ def _verification_fails(inputs):
 
 
 @pytest.mark.parametrize(
-    "failure", [_last_weight_bad_shape, _last_weight_bad_dtype, _verification_fails],
+    "failure",
+    [_last_weight_bad_shape, _last_weight_bad_dtype, _verification_fails],
     ids=["shape", "dtype", "verification"],
 )
 def test_failed_in_place_refit_leaves_outputs_identical(failure):
@@ -507,7 +527,9 @@ def test_weights_are_never_unpickled(source, tmp_path, unpickling_calls):
 
 def test_bfloat16_into_float16_overflow_is_refused() -> None:
     model = torch.nn.Linear(4, 4).bfloat16().eval()
-    compiled = torchrefit.compile(model, (torch.randn(2, 4, dtype=torch.bfloat16),), backend="eager", dtype="float16")
+    compiled = torchrefit.compile(
+        model, (torch.randn(2, 4, dtype=torch.bfloat16),), backend="eager", dtype="float16"
+    )
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     weights["weight"][0, 0] = 1e6
     with pytest.raises(torchrefit.WeightValueError, match="overflows"):
@@ -541,7 +563,9 @@ def test_verification_that_cannot_run_changes_nothing(failure: str, monkeypatch)
 
         monkeypatch.setattr(verify, "_reference", broken)
         with pytest.raises(RuntimeError, match="reference"):
-            torchrefit.refit_module_weights(compiled, b, arg_inputs=(x,), verify_output=True, in_place=True)
+            torchrefit.refit_module_weights(
+                compiled, b, arg_inputs=(x,), verify_output=True, in_place=True
+            )
     assert torch.equal(compiled(x), before)
 
 
@@ -578,7 +602,12 @@ def test_swapping_the_engines_own_constants_is_exact() -> None:
     x = torch.randn(2, 4)
     compiled = torchrefit.compile(model, (x,), backend="eager")
     c = compiled.engines()["_engine_0"].constants()
-    swapped = {"0.weight": c["1.weight"], "0.bias": c["1.bias"], "1.weight": c["0.weight"], "1.bias": c["0.bias"]}
+    swapped = {
+        "0.weight": c["1.weight"],
+        "0.bias": c["1.bias"],
+        "1.weight": c["0.weight"],
+        "1.bias": c["0.bias"],
+    }
     expected = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)).eval()
     expected.load_state_dict({k: v.clone() for k, v in swapped.items()})
     torchrefit.refit_module_weights(compiled, swapped, in_place=True)
@@ -591,7 +620,9 @@ def test_unknown_torch_executed_ops_are_refused() -> None:
         torchrefit.Settings(torch_executed_ops=frozenset({"torch.ops.aten.convolutoin.default"}))
 
 
-@pytest.mark.parametrize("content", [b"\x80\x02}q\x00.", b"\xff" * 8 + b"{}", b"\x02\x00\x00\x00\x00\x00\x00\x00[]"])
+@pytest.mark.parametrize(
+    "content", [b"\x80\x02}q\x00.", b"\xff" * 8 + b"{}", b"\x02\x00\x00\x00\x00\x00\x00\x00[]"]
+)
 def test_files_that_are_not_safetensors_are_refused(tmp_path, content: bytes) -> None:
     a = torch.nn.Linear(4, 4).eval()
     compiled = torchrefit.compile(a, (torch.randn(2, 4),), backend="eager")

@@ -55,7 +55,9 @@ def rewrite_zip(
             if data is not None:
                 members[info.filename] = data
     if checksums and "checksums.json" in members:
-        sums = {n: hashlib.sha256(d).hexdigest() for n, d in members.items() if n != "checksums.json"}
+        sums = {
+            n: hashlib.sha256(d).hexdigest() for n, d in members.items() if n != "checksums.json"
+        }
         members["checksums.json"] = json.dumps(sums).encode()
     with zipfile.ZipFile(dst, "w") as new:
         for name, data in members.items():
@@ -82,7 +84,9 @@ class Compiled:
     def __init__(self, name: str) -> None:
         make, self.inputs, settings = CASES[name]
         self.weights = [models.randomize(make(), seed) for seed in range(4)]
-        self.module = torchrefit.compile(self.weights[0], self.inputs(), backend="eager", **settings)
+        self.module = torchrefit.compile(
+            self.weights[0], self.inputs(), backend="eager", **settings
+        )
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -216,7 +220,9 @@ def _torch_save(path: Path) -> None:
     torch.save({"fc1.weight": torch.randn(2, 2)}, str(path))
 
 
-@pytest.mark.parametrize("write", [_garbage, _empty, _torch_save], ids=["garbage", "empty", "torch_save"])
+@pytest.mark.parametrize(
+    "write", [_garbage, _empty, _torch_save], ids=["garbage", "empty", "torch_save"]
+)
 def test_file_that_is_not_torchrefit_is_refused(write, tmp_path, unpickling_calls):
     path = tmp_path / "model.trf"
     write(path)
@@ -244,14 +250,17 @@ MALFORMED: dict[str, tuple[Callable[[str, bytes], bytes | None], str]] = {
     "no_weights_member": (_drop("weights.safetensors"), "weights.safetensors"),
     "no_engine_member": (_drop("engines/_engine_0.bin"), "_engine_0"),
     "truncated_weights": (
-        lambda n, d: d[: len(d) // 2] if n == "weights.safetensors" else d, "weights"
+        lambda n, d: d[: len(d) // 2] if n == "weights.safetensors" else d,
+        "weights",
     ),
     "weight_missing": (_weights(lambda t: t.pop("fc2.bias")), "fc2.bias"),
     "weight_of_another_shape": (
-        _weights(lambda t: t.update({"fc2.bias": t["fc2.bias"][:1].clone()})), "fc2.bias"
+        _weights(lambda t: t.update({"fc2.bias": t["fc2.bias"][:1].clone()})),
+        "fc2.bias",
     ),
     "weight_of_another_dtype": (
-        _weights(lambda t: t.update({"fc2.weight": t["fc2.weight"].half()})), "fc2.weight"
+        _weights(lambda t: t.update({"fc2.weight": t["fc2.weight"].half()})),
+        "fc2.weight",
     ),
 }
 
@@ -267,7 +276,9 @@ def test_malformed_members_are_refused(case, saved_mlp, tmp_path):
     assert named in str(info.value)
 
 
-@pytest.mark.parametrize("member", ["metadata.json", "weights.safetensors", "engines/_engine_0.bin"])
+@pytest.mark.parametrize(
+    "member", ["metadata.json", "weights.safetensors", "engines/_engine_0.bin"]
+)
 def test_a_corrupted_member_fails_its_checksum(member, saved_mlp, tmp_path):
     """A flipped byte anywhere (even one that leaves the file parseable) is caught."""
 

@@ -23,7 +23,12 @@ def test_unknown_setting_names_the_fields() -> None:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"backend": "tensorrt"}, {"dtype": "float8"}, {"min_block_size": 0}, {"torch_executed_ops": [3]}],
+    [
+        {"backend": "tensorrt"},
+        {"dtype": "float8"},
+        {"min_block_size": 0},
+        {"torch_executed_ops": [3]},
+    ],
 )
 def test_bad_values_are_refused(overrides: dict) -> None:
     with pytest.raises(torchrefit.SettingsError):
@@ -44,7 +49,9 @@ def test_engine_key_feeds_on_engine_fields_only() -> None:
 
 
 def test_json_round_trip() -> None:
-    s = Settings(min_block_size=2, torch_executed_ops=frozenset({"aten.relu.default"}), dtype="bfloat16")
+    s = Settings(
+        min_block_size=2, torch_executed_ops=frozenset({"aten.relu.default"}), dtype="bfloat16"
+    )
     assert Settings.from_json(s.to_json()) == s
 
 

@@ -63,7 +63,11 @@ def _calls(model, compiled, make_inputs, n=4):
 @pytest.mark.parametrize("cls", [Counter, RunningMean, WritesInput])
 def test_state_writes_match_eager_over_several_calls(backend: str, cls) -> None:
     model = cls().eval()
-    make = (lambda: (torch.randn(3, 4), torch.randn(3, 4))) if cls is WritesInput else (lambda: (torch.randn(3, 4),))
+    make = (
+        (lambda: (torch.randn(3, 4), torch.randn(3, 4)))
+        if cls is WritesInput
+        else (lambda: (torch.randn(3, 4),))
+    )
     compiled = torchrefit.compile(model, make(), backend=backend)
     eager = _calls(model, compiled, make)
     for name, buffer in eager.named_buffers():
@@ -106,19 +110,37 @@ def test_batch_norm_in_training_mode_is_refused_at_compile_time() -> None:
 def test_a_transformers_cache_output_gets_advice_that_works() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        n_layer=1,
+        n_embd=32,
+        n_head=2,
+        vocab_size=64,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = GPT2LMHeadModel(config).eval()
     ids = torch.randint(0, 64, (2, 8))
     with pytest.raises(torchrefit.ExportError, match="use_cache"):
         torchrefit.compile(model, (ids,), backend="eager")
-    compiled = torchrefit.compile(model, (ids,), {"use_cache": False}, backend="eager")  # the advice
+    compiled = torchrefit.compile(
+        model, (ids,), {"use_cache": False}, backend="eager"
+    )  # the advice
     assert_matches(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
 
 
 def test_mutable_generate_says_it_runs_uncompiled() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        n_layer=1,
+        n_embd=32,
+        n_head=2,
+        vocab_size=64,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     mutable = torchrefit.MutableModule(GPT2LMHeadModel(config).eval(), backend="eager")
     with pytest.warns(UserWarning, match="uncompiled"):
         assert callable(mutable.generate)

@@ -58,11 +58,15 @@ def test_streamed_cast_checks_overflow_before_writing(small_chunks, tmp_path) ->
     with torch.no_grad():
         b.fc3.weight[-1, -1] = 1e6  # the last value of the last weight
     with pytest.raises(torchrefit.WeightValueError, match="fc3.weight"):
-        torchrefit.refit_module_weights(compiled, _file(tmp_path, b, "big.safetensors"), in_place=True)
+        torchrefit.refit_module_weights(
+            compiled, _file(tmp_path, b, "big.safetensors"), in_place=True
+        )
     assert torch.equal(compiled(*x), before)
 
 
-def test_a_read_failure_midway_leaves_a_module_that_refuses_to_run(small_chunks, tmp_path, monkeypatch) -> None:
+def test_a_read_failure_midway_leaves_a_module_that_refuses_to_run(
+    small_chunks, tmp_path, monkeypatch
+) -> None:
     case = CASES["mlp"]
     a, b = case.build(0), case.build(1)
     compiled = torchrefit.compile(a, case.inputs(), backend="eager")

@@ -53,7 +53,9 @@ def build(
     output_constants = _drop_weight_placeholders(top.graph, lowered)
     for attr in output_constants:
         root.register_buffer(attr, torch.empty(0), persistent=False)
-    used = {k for child in root.children() for k in _constant_keys(child)} | set(output_constants.values())
+    used = {k for child in root.children() for k in _constant_keys(child)} | set(
+        output_constants.values()
+    )
     used |= _kept_sources(source, lowered)
     used |= {m.target for m in lowered.mutations if m.kind == "buffer"}  # written after each call
     store = _initial_store(program, lowered, device, used, source_tensors(source))
@@ -72,7 +74,11 @@ def _constant_keys(child: torch.nn.Module) -> list[str]:
 
 def _is_weight_arg(lowered: LoweredProgram, arg: Any) -> bool:
     # split_module may rename a placeholder ("input" -> "input_1"); its target keeps the name
-    return isinstance(arg, fx.Node) and arg.op == "placeholder" and lowered.roles[str(arg.target)].is_weight
+    return (
+        isinstance(arg, fx.Node)
+        and arg.op == "placeholder"
+        and lowered.roles[str(arg.target)].is_weight
+    )
 
 
 def _child_name(kind: str, root: torch.nn.Module) -> str:
@@ -121,7 +127,11 @@ def _build_engine(
     runner = backend.build(gm, examples)
     logger.info(
         "built %s (%s, %d ops, %d constants) in %.1f s",
-        name, backend.name, len(graph.nodes), len(weights), time.perf_counter() - started,
+        name,
+        backend.name,
+        len(graph.nodes),
+        len(weights),
+        time.perf_counter() - started,
     )
     return Engine(backend.name, runner, [k for _, k in weights], single)
 
@@ -237,7 +247,9 @@ def _refit_state(
         if key in lowered.derived:
             lineage[key] = lowered.derived[key]
         elif key in state_keys:
-            lineage[key] = Lineage("state", (key,), "a buffer the forward writes: kept across refits")
+            lineage[key] = Lineage(
+                "state", (key,), "a buffer the forward writes: kept across refits"
+            )
         else:
             same = specs[key].dtype == str(lowered.weight_dtypes[key]).removeprefix("torch.")
             lineage[key] = Lineage("identity" if same else "cast", (key,))
@@ -247,7 +259,9 @@ def _refit_state(
         settings=settings,
         fingerprint=fingerprint(structure, settings.engine_key()),
         structure=structure,
-        lowered_structure=fingerprint(describe(lowered.gm.graph, lowered.labels()), settings.engine_key()),
+        lowered_structure=fingerprint(
+            describe(lowered.gm.graph, lowered.labels()), settings.engine_key()
+        ),
         specs=specs,
         aliases=tied_aliases(source, list(specs)),
         engine_dtypes=dict(lowered.weight_dtypes),

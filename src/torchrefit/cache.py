@@ -96,7 +96,9 @@ class EngineCache:
         try:
             save(module, self.path, include_weights=False)
         except Exception as exc:  # noqa: BLE001 - the cache is an optimization
-            logger.warning("engine cache: could not store %s (%s); compiled module unaffected", self.path, exc)
+            logger.warning(
+                "engine cache: could not store %s (%s); compiled module unaffected", self.path, exc
+            )
             return
         self._evict()
 
@@ -113,7 +115,11 @@ class EngineCache:
                 info = os.lstat(path)
             except OSError:
                 continue
-            if name.startswith(".") and name.endswith(".tmp") and now - info.st_mtime > ORPHAN_SECONDS:
+            if (
+                name.startswith(".")
+                and name.endswith(".tmp")
+                and now - info.st_mtime > ORPHAN_SECONDS
+            ):
                 _remove(path)  # a writer killed midway left it
             elif name.endswith(".trf") and stat.S_ISREG(info.st_mode):
                 entries.append((info.st_mtime, info.st_size, path))

@@ -52,9 +52,13 @@ def _compile(
     program = engine_program(source, model, arg_inputs, kwarg_inputs, settings)
     lowered = lower(program, LoweringContext(settings))
     backend = get_backend(settings.backend, dict(settings.inductor_options))
-    parts = partition(lowered.gm, settings, Capability(settings.torch_executed_ops, backend.supports))
+    parts = partition(
+        lowered.gm, settings, Capability(settings.torch_executed_ops, backend.supports)
+    )
     compiled = build(source, program, lowered, parts, backend, settings)
-    logger.info("compiled %d engine(s) in %.1f s", len(compiled.engines()), time.perf_counter() - started)
+    logger.info(
+        "compiled %d engine(s) in %.1f s", len(compiled.engines()), time.perf_counter() - started
+    )
     if cache is not None:
         cache.store(compiled)
     return compiled

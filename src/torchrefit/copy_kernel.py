@@ -4,8 +4,9 @@
 few hundred weights (ResNet-50 on an H200: 0.14 ms against 0.039 ms). This kernel copies
 every source into its slot of one arena in a single launch of large, 16-byte-vectorized
 blocks. Sources are addressed as element offsets from the arena itself, so Triton sees an
-aligned base pointer. Sources may be pinned host tensors, read over unified addressing (one kernel instead of a
-transfer per tensor). Only CUDA; callers fall back to batched copies when it is absent.
+aligned base pointer. Sources may be pinned host tensors, read over unified addressing
+(one kernel instead of a transfer per tensor). Only CUDA; callers fall back to batched
+copies when it is absent.
 """
 
 from __future__ import annotations
@@ -27,8 +28,14 @@ try:
 
     @triton.jit
     def _gather_copy(
-        arena, block_tensor, block_start, src_offset, dst_offset, numel,
-        BLOCK: tl.constexpr, VEC: tl.constexpr,
+        arena,
+        block_tensor,
+        block_start,
+        src_offset,
+        dst_offset,
+        numel,
+        BLOCK: tl.constexpr,
+        VEC: tl.constexpr,
     ):
         pid = tl.program_id(0)
         t = tl.load(block_tensor + pid)
@@ -52,7 +59,9 @@ class GatherCopy:
     Pairs the kernel cannot take (misaligned, odd sizes) go through `_foreach_copy_`.
     """
 
-    def __init__(self, arena: torch.Tensor, dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    def __init__(
+        self, arena: torch.Tensor, dsts: list[torch.Tensor], srcs: list[torch.Tensor]
+    ) -> None:
         self.arena = arena
         item = arena.element_size()
         vec = max(1, VECTOR_BYTES // item)
@@ -63,12 +72,19 @@ class GatherCopy:
         for dst, src in zip(dsts, srcs, strict=True):
             reachable = (src.is_cuda and src.device == arena.device) or src.is_pinned()  # UVA
             ok = (
-                HAVE_TRITON and reachable and src.dtype == arena.dtype
-                and src.is_contiguous() and dst.is_contiguous() and src.numel() % vec == 0
-                and (src.data_ptr() - base) % VECTOR_BYTES == 0 and (dst.data_ptr() - base) % VECTOR_BYTES == 0
+                HAVE_TRITON
+                and reachable
+                and src.dtype == arena.dtype
+                and src.is_contiguous()
+                and dst.is_contiguous()
+                and src.numel() % vec == 0
+                and (src.data_ptr() - base) % VECTOR_BYTES == 0
+                and (dst.data_ptr() - base) % VECTOR_BYTES == 0
             )
             if ok:
-                fast.append(((src.data_ptr() - base) // item, (dst.data_ptr() - base) // item, src.numel()))
+                fast.append(
+                    ((src.data_ptr() - base) // item, (dst.data_ptr() - base) // item, src.numel())
+                )
             else:
                 self.rest[0].append(dst)
                 self.rest[1].append(src)
@@ -88,14 +104,20 @@ class GatherCopy:
 
     def __call__(self) -> None:
         if self.grid is not None:
-            _gather_copy[self.grid](self.arena, *self.tables, BLOCK=BLOCK, VEC=self.vec, num_warps=8)
+            _gather_copy[self.grid](
+                self.arena, *self.tables, BLOCK=BLOCK, VEC=self.vec, num_warps=8
+            )
         if self.rest[0]:
             torch._foreach_copy_(*self.rest)
 
 
 def gather_copy_works(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether to use the kernel: Triton present, not switched off, and its self-test passed."""
-    if not HAVE_TRITON or device.type != "cuda" or os.environ.get("TORCHREFIT_GATHER_COPY", "1") == "0":
+    if (
+        not HAVE_TRITON
+        or device.type != "cuda"
+        or os.environ.get("TORCHREFIT_GATHER_COPY", "1") == "0"
+    ):
         return False
     return _self_test(device, dtype)
 

@@ -33,7 +33,9 @@ class CudaGraphs:
 
     def run(self, flat: list[Any]) -> list[Any]:
         key = tuple(
-            (tuple(x.shape), x.dtype, x.stride(), x.device) if isinstance(x, torch.Tensor) else repr(x)
+            (tuple(x.shape), x.dtype, x.stride(), x.device)
+            if isinstance(x, torch.Tensor)
+            else repr(x)
             for x in flat
         )
         if key not in self.captured:

@@ -51,20 +51,33 @@ class WeightSync:
     ) -> None:
         self.group, self.src = group, src
         self.rank = dist.get_rank(group)
-        self.timeout = timeout if timeout is None or isinstance(timeout, datetime.timedelta) else (
-            datetime.timedelta(seconds=float(timeout))
+        self.timeout = (
+            timeout
+            if timeout is None or isinstance(timeout, datetime.timedelta)
+            else (datetime.timedelta(seconds=float(timeout)))
         )
         self.is_source = self.rank == src
         backend = dist.get_backend(group)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if backend == "nccl"
+            else torch.device("cpu")
+        )
         if self.is_source:
             if weights is None:
-                raise WeightSyncError(f"Rank {self.rank} is the source: pass weights= (an nn.Module or a state_dict).")
+                raise WeightSyncError(
+                    f"Rank {self.rank} is the source: pass weights= (an nn.Module or a state_dict)."
+                )
             self.tensors = _source_tensors(weights)
-            layout = [[k, list(t.shape), str(t.dtype).removeprefix("torch.")] for k, t in self.tensors.items()]
+            layout = [
+                [k, list(t.shape), str(t.dtype).removeprefix("torch.")]
+                for k, t in self.tensors.items()
+            ]
         else:
             if compiled is None:
-                raise WeightSyncError(f"Rank {self.rank} is a replica: pass compiled= (a CompiledModule).")
+                raise WeightSyncError(
+                    f"Rank {self.rank} is a replica: pass compiled= (a CompiledModule)."
+                )
             self.module, self.state = compiled, refittable(compiled)
             layout = []
         self.layout = _broadcast_json(layout, src, group, self.device)
@@ -79,7 +92,9 @@ class WeightSync:
         message[: len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8)
         gathered = [torch.zeros_like(message) for _ in range(dist.get_world_size(self.group))]
         dist.all_gather(gathered, message, group=self.group)
-        problems = [bytes(m.cpu().tolist()).rstrip(b"\0").decode(errors="replace") for m in gathered]
+        problems = [
+            bytes(m.cpu().tolist()).rstrip(b"\0").decode(errors="replace") for m in gathered
+        ]
         problems = [p for p in problems if p]
         if problems:
             raise IncompatibleWeightsError("; ".join(problems))
@@ -89,7 +104,10 @@ class WeightSync:
         if self.is_source:
             with torch.no_grad():
                 for names in _by_dtype(self.layout).values():
-                    torch._foreach_copy_([self.views[n] for n in names], [self.tensors[n].to(self.device) for n in names])
+                    torch._foreach_copy_(
+                        [self.views[n] for n in names],
+                        [self.tensors[n].to(self.device) for n in names],
+                    )
         try:
             for buffer in self.buffers.values():
                 work = dist.broadcast(buffer, self.src, group=self.group, async_op=True)
@@ -133,7 +151,11 @@ def _broadcast_json(value: Any, src: int, group: Any, device: torch.device) -> A
 def _mismatch(layout: list[list[Any]], state: Any, rank: int) -> str:
     given = {name: (tuple(shape), dtype) for name, shape, dtype in layout}
     for fqn, spec in state.specs.items():
-        name = fqn if fqn in given else next((a for a, f in state.aliases.items() if f == fqn and a in given), None)
+        name = (
+            fqn
+            if fqn in given
+            else next((a for a, f in state.aliases.items() if f == fqn and a in given), None)
+        )
         if name is None:
             if spec.persistent:
                 return f"rank {rank}: the source lacks weight {fqn!r}"
@@ -145,7 +167,11 @@ def _mismatch(layout: list[list[Any]], state: Any, rank: int) -> str:
                 f"{spec.dtype}{list(spec.shape)} in this replica's compiled module"
             )
     extra = sorted(set(given) - set(state.specs) - set(state.aliases))
-    return f"rank {rank}: the source sends {extra[:3]}, which this replica does not have" if extra else ""
+    return (
+        f"rank {rank}: the source sends {extra[:3]}, which this replica does not have"
+        if extra
+        else ""
+    )
 
 
 def _by_dtype(layout: list[list[Any]]) -> dict[str, list[str]]:
@@ -155,7 +181,9 @@ def _by_dtype(layout: list[list[Any]]) -> dict[str, list[str]]:
     return groups
 
 
-def _buffers(layout: list[list[Any]], device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _buffers(
+    layout: list[list[Any]], device: torch.device
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One flat buffer per dtype (one broadcast each) and each weight's view into it."""
     buffers: dict[str, torch.Tensor] = {}
     views: dict[str, torch.Tensor] = {}

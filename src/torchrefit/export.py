@@ -144,7 +144,9 @@ def _conversion(
     source: ExportedProgram, args: Any, kwargs: Any, settings: Settings
 ) -> tuple[torch.dtype | None, torch.device | None]:
     weights = list(source.state_dict.values()) + list(source.constants.values())
-    tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    tensors = [
+        t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+    ]
     dtype = settings.torch_dtype
     floats = [t for t in weights + tensors if t.is_floating_point()]
     need_dtype = dtype is not None and any(t.dtype != dtype for t in floats)
@@ -214,7 +216,10 @@ def mutations(ep: ExportedProgram) -> list[Mutation]:
 
 def _refuse_training_batch_norm(ep: ExportedProgram, found: list[Mutation]) -> None:
     for node in ep.graph.nodes:
-        if node.target is torch.ops.aten._native_batch_norm_legit_functional.default and node.args[5]:
+        if (
+            node.target is torch.ops.aten._native_batch_norm_legit_functional.default
+            and node.args[5]
+        ):
             buffers = [m.target for m in found if m.kind == "buffer"]
             raise UnsupportedGraphError(
                 f"Batch norm {node.name!r} runs in training mode: every call would update its "

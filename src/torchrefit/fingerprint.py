@@ -57,7 +57,8 @@ def _describe(graph: fx.Graph, placeholder_labels: dict[str, str]) -> list[str]:
         elif node.op == "output":
             head = f"output {_args(node.args, index)}"
         else:
-            head = f"{node.op} {_target(node.target)}{_args(node.args, index)}{_kwargs(node.kwargs, index)}"
+            call = f"{_args(node.args, index)}{_kwargs(node.kwargs, index)}"
+            head = f"{node.op} {_target(node.target)}{call}"
         lines.append(f"{head} -> {_meta(node.meta.get('val'))}")
     return lines
 

@@ -27,14 +27,48 @@ _OPS = ("placeholder", "output", "call_function", "call_module", "get_attr")
 
 # The pure functions a stored graph may call besides torch.ops overloads: never attrgetter,
 # methodcaller, call or anything else that reaches further.
-OPERATOR_TARGETS = frozenset({
-    "getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs",
-    "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "xor", "not_", "invert", "lshift",
-    "rshift", "matmul", "truth",
-})
-SYM_TARGETS = frozenset({
-    "sym_float", "sym_int", "sym_ite", "sym_max", "sym_min", "sym_not", "sym_sqrt", "sym_sum",
-})
+OPERATOR_TARGETS = frozenset(
+    {
+        "getitem",
+        "add",
+        "sub",
+        "mul",
+        "truediv",
+        "floordiv",
+        "mod",
+        "pow",
+        "neg",
+        "pos",
+        "abs",
+        "eq",
+        "ne",
+        "lt",
+        "le",
+        "gt",
+        "ge",
+        "and_",
+        "or_",
+        "xor",
+        "not_",
+        "invert",
+        "lshift",
+        "rshift",
+        "matmul",
+        "truth",
+    }
+)
+SYM_TARGETS = frozenset(
+    {
+        "sym_float",
+        "sym_int",
+        "sym_ite",
+        "sym_max",
+        "sym_min",
+        "sym_not",
+        "sym_sqrt",
+        "sym_sum",
+    }
+)
 OP_NAMESPACES = frozenset({"aten", "prims"})
 MAX_DEPTH = 32  # nesting of stored arguments
 MAX_NODES = 1_000_000
@@ -44,7 +78,12 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
 def check_name(name: Any, what: str = "node name") -> str:
     """A stored name becomes an identifier in code fx generates: only plain identifiers
     (no keywords, no dunders) are taken, so no stored string can become code."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or keyword.iskeyword(name) or name.startswith("__"):
+    if (
+        not isinstance(name, str)
+        or not _NAME.fullmatch(name)
+        or keyword.iskeyword(name)
+        or name.startswith("__")
+    ):
         raise UnsupportedGraphError(
             f"Stored graph has the {what} {name!r}, which is not a plain identifier; the file "
             "was changed or corrupted. Save the module again."
@@ -128,7 +167,9 @@ def decode_arg(data: Any, env: dict[str, fx.Node], depth: int = 0) -> Any:
     ((kind, value),) = data.items()
     if kind == "node":
         if not isinstance(value, str) or value not in env:
-            raise UnsupportedGraphError(f"Stored graph refers to {str(value)[:80]!r}, no earlier node.")
+            raise UnsupportedGraphError(
+                f"Stored graph refers to {str(value)[:80]!r}, no earlier node."
+            )
         return env[value]
     if kind in ("list", "tuple") and isinstance(value, list):
         items = [decode_arg(v, env, depth + 1) for v in value]
@@ -137,14 +178,18 @@ def decode_arg(data: Any, env: dict[str, fx.Node], depth: int = 0) -> Any:
         try:
             return torch.device(value)
         except (RuntimeError, ValueError) as exc:
-            raise UnsupportedGraphError(f"Stored graph names an unknown device {value[:80]!r}.") from exc
+            raise UnsupportedGraphError(
+                f"Stored graph names an unknown device {value[:80]!r}."
+            ) from exc
     if kind in _ENUMS and isinstance(value, str) and _NAME.fullmatch(value):
         result = getattr(torch, value, None)
         if isinstance(result, _ENUMS[kind]):
             return result
     if kind == "slice" and isinstance(value, list) and len(value) == 3:
         return slice(*(decode_arg(v, env, depth + 1) for v in value))
-    raise UnsupportedGraphError(f"Stored graph holds an argument of unknown kind {str(kind)[:40]!r}.")
+    raise UnsupportedGraphError(
+        f"Stored graph holds an argument of unknown kind {str(kind)[:40]!r}."
+    )
 
 
 def graph_to_json(graph: fx.Graph) -> list[dict[str, Any]]:
@@ -191,7 +236,9 @@ def _node_from_json(graph: fx.Graph, env: dict[str, fx.Node], entry: Any, index:
     args = decode_arg(entry.get("args", {"tuple": []}), env)
     if not isinstance(args, tuple):
         raise UnsupportedGraphError(f"Stored graph node {name!r} has malformed arguments.")
-    kwargs = {check_name(k, "keyword"): decode_arg(v, env) for k, v in entry.get("kwargs", {}).items()}
+    kwargs = {
+        check_name(k, "keyword"): decode_arg(v, env) for k, v in entry.get("kwargs", {}).items()
+    }
     target: Any
     if op == "call_function":
         target = resolve_target(entry.get("target"))

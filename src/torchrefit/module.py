@@ -86,14 +86,21 @@ class InputGuard:
     def to_json(self) -> list[Any]:
         if self.dtype is None:
             return ["value", self.value]
-        return [str(self.dtype).removeprefix("torch."), str(self.device), list(self.shape or ()), self.contiguous]
+        return [
+            str(self.dtype).removeprefix("torch."),
+            str(self.device),
+            list(self.shape or ()),
+            self.contiguous,
+        ]
 
     @classmethod
     def from_json(cls, data: list[Any]) -> InputGuard:
         if data[0] == "value":
             return cls(None, None, None, data[1])
         contiguous = data[3] if len(data) > 3 else True
-        return cls(getattr(torch, data[0]), torch.device(data[1]), tuple(data[2]), contiguous=contiguous)
+        return cls(
+            getattr(torch, data[0]), torch.device(data[1]), tuple(data[2]), contiguous=contiguous
+        )
 
 
 @dataclass
@@ -139,7 +146,10 @@ class CompiledModule(fx.GraphModule):
                 "in_place=True)."
             )
         given = _flatten(args, kwargs, state.in_spec)
-        flat = [_guard(i, x, g, state.cast_inputs_to) for i, (x, g) in enumerate(zip(given, state.guards, strict=True))]
+        flat = [
+            _guard(i, x, g, state.cast_inputs_to)
+            for i, (x, g) in enumerate(zip(given, state.guards, strict=True))
+        ]
         with state.guard.reading(state.store.device):  # one complete weight set per call
             store = state.store
             if state.settings.cuda_graphs and _all_cuda(flat):
@@ -155,7 +165,9 @@ class CompiledModule(fx.GraphModule):
         banks = self.__dict__.setdefault("_cuda_graphs", {})
         graphs = banks.get(id(store))
         if graphs is None:
-            graphs = banks[id(store)] = CudaGraphs(lambda *xs: super(CompiledModule, self).__call__(*xs))
+            graphs = banks[id(store)] = CudaGraphs(
+                lambda *xs: super(CompiledModule, self).__call__(*xs)
+            )
         return graphs
 
     def engines(self) -> dict[str, Engine]:
@@ -189,7 +201,13 @@ def clone_module(module: CompiledModule, store: WeightStore) -> CompiledModule:
     for name, child in module.named_children():
         copy: Engine | Fallback
         if isinstance(child, Engine):
-            copy = Engine(child.backend, child.runner, child.constant_keys, child.single_output, child.artifact)
+            copy = Engine(
+                child.backend,
+                child.runner,
+                child.constant_keys,
+                child.single_output,
+                child.artifact,
+            )
         else:
             assert isinstance(child, Fallback)
             copy = make_fallback(_copy_graph(child.graph), child.constant_keys)
@@ -197,7 +215,12 @@ def clone_module(module: CompiledModule, store: WeightStore) -> CompiledModule:
     compiled = CompiledModule(root, _copy_graph(module.graph))
     # its own refit state: what one module's refits mark (unset weights) never shows in another
     compiled._torchrefit = dataclasses.replace(
-        module._torchrefit, store=store, unset=set(module._torchrefit.unset), guard=Guard(), standby=None, stale=set()
+        module._torchrefit,
+        store=store,
+        unset=set(module._torchrefit.unset),
+        guard=Guard(),
+        standby=None,
+        stale=set(),
     )
     compiled.bind(store)
     return compiled
@@ -255,7 +278,9 @@ def _guard(i: int, x: Any, guard: InputGuard | None, cast_to: torch.dtype | None
             )
         return x
     if not isinstance(x, torch.Tensor):
-        raise InputError(f"Input {i} is a {type(x).__name__}; the compiled module expects a tensor.")
+        raise InputError(
+            f"Input {i} is a {type(x).__name__}; the compiled module expects a tensor."
+        )
     if x.dtype != guard.dtype:
         if cast_to is not None and x.is_floating_point() and guard.dtype == cast_to:
             x = x.to(cast_to)
@@ -270,7 +295,9 @@ def _guard(i: int, x: Any, guard: InputGuard | None, cast_to: torch.dtype | None
             f"Pass x.to('{guard.device}')."
         )
     shape = guard.shape or ()
-    if x.dim() != len(shape) or any(e is not None and e != d for e, d in zip(shape, x.shape, strict=True)):
+    if x.dim() != len(shape) or any(
+        e is not None and e != d for e, d in zip(shape, x.shape, strict=True)
+    ):
         expected = ["*" if e is None else e for e in shape]
         raise InputError(
             f"Input {i} has shape {list(x.shape)}; the compiled module expects {expected} "

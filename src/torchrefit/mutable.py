@@ -41,7 +41,14 @@ class MutableModule(torch.nn.Module):
     `torchrefit.compile`). `check_values=False` skips the comparison of weight values that
     catches `.data` writes (cheaper; version counters and tensor identity still count)."""
 
-    def __init__(self, model: torch.nn.Module, *, check_values: bool = True, settings: Settings | None = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        check_values: bool = True,
+        settings: Settings | None = None,
+        **overrides: Any,
+    ) -> None:
         super().__init__()
         self.__dict__.update(
             model=model,
@@ -78,7 +85,9 @@ class MutableModule(torch.nn.Module):
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
         return self.model.load_state_dict(*args, **kwargs)
 
-    def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    def named_parameters(
+        self, *args: Any, **kwargs: Any
+    ) -> Iterator[tuple[str, torch.nn.Parameter]]:
         return self.model.named_parameters(*args, **kwargs)
 
     def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]:
@@ -115,7 +124,9 @@ class MutableModule(torch.nn.Module):
             if compiled is None:
                 compiled = self._compile(key, args, kwargs, "first call with this structure")
             elif not self._sync(compiled):
-                compiled = self._compile(key, args, kwargs, "the weights changed shape, dtype or set")
+                compiled = self._compile(
+                    key, args, kwargs, "the weights changed shape, dtype or set"
+                )
             return key, compiled
 
     def refit(self) -> None:
@@ -172,7 +183,9 @@ class MutableModule(torch.nn.Module):
     def _sync_locked(self, compiled: CompiledModule) -> bool:
         state = compiled._torchrefit
         current = self._weights(compiled)
-        named: dict[str, Source] = {k: t for k, t in current.items() if k in state.specs or k in state.aliases}
+        named: dict[str, Source] = {
+            k: t for k, t in current.items() if k in state.specs or k in state.aliases
+        }
         try:  # the match stage checks the set, shapes and dtypes of the weights
             matched = fast(NewWeights(named, "module"), state)
         except IncompatibleWeightsError:
@@ -197,7 +210,9 @@ class MutableModule(torch.nn.Module):
             changed |= self._changed_values(compiled, candidates, skip=changed)
         return changed & set(compiled._torchrefit.specs)
 
-    def _changed_values(self, compiled: CompiledModule, current: dict[str, torch.Tensor], skip: set[str]) -> set[str]:
+    def _changed_values(
+        self, compiled: CompiledModule, current: dict[str, torch.Tensor], skip: set[str]
+    ) -> set[str]:
         """Weights whose values differ from what the engines were given (`.data` writes)."""
         state = compiled._torchrefit
         snapshots = self._snapshots.get(id(compiled), {})
@@ -206,9 +221,17 @@ class MutableModule(torch.nn.Module):
             if fqn in skip:
                 continue
             reference = snapshots.get(fqn)
-            if reference is None and fqn in state.store.tensors and state.lineage[fqn].kind == "identity":
+            if (
+                reference is None
+                and fqn in state.store.tensors
+                and state.lineage[fqn].kind == "identity"
+            ):
                 reference = state.store[fqn]
-            if reference is not None and reference.device == tensor.device and reference.shape == tensor.shape:
+            if (
+                reference is not None
+                and reference.device == tensor.device
+                and reference.shape == tensor.shape
+            ):
                 pairs.append((fqn, tensor, reference))
         if not pairs:
             return set()
@@ -222,7 +245,9 @@ class MutableModule(torch.nn.Module):
         validate(values, state)
         commit(compiled, values, in_place=True)
         self.__dict__["refits"] += 1
-        logger.debug("MutableModule: refitted %d constants (%d weights changed)", len(touched), len(changed))
+        logger.debug(
+            "MutableModule: refitted %d constants (%d weights changed)", len(touched), len(changed)
+        )
 
     def _record(self, compiled: CompiledModule, current: dict[str, torch.Tensor]) -> None:
         """Remember each weight's identity, and a copy of those the store cannot stand for."""
@@ -233,7 +258,11 @@ class MutableModule(torch.nn.Module):
         snapshots = {}
         for fqn, tensor in current.items():
             stored = state.store.tensors.get(fqn)
-            shown = stored is not None and state.lineage[fqn].kind == "identity" and stored.device == tensor.device
+            shown = (
+                stored is not None
+                and state.lineage[fqn].kind == "identity"
+                and stored.device == tensor.device
+            )
             if fqn in state.specs and not shown:
                 snapshots[fqn] = tensor.detach().clone()
         self._snapshots[id(compiled)] = snapshots
@@ -263,7 +292,8 @@ def _state_signature(model: torch.nn.Module) -> tuple:
 def _input_signature(args: tuple, kwargs: dict) -> tuple:
     leaves, spec = pytree.tree_flatten((args, kwargs))
     described = tuple(
-        (tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else repr(x) for x in leaves
+        (tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else repr(x)
+        for x in leaves
     )
     return (str(spec), described)
 
@@ -278,14 +308,20 @@ def _input_signature(args: tuple, kwargs: dict) -> tuple:
 
 
 def _is_lora(module: torch.nn.Module) -> bool:
-    return hasattr(module, "get_delta_weight") and hasattr(module, "base_layer") and hasattr(module, "merged_adapters")
+    return (
+        hasattr(module, "get_delta_weight")
+        and hasattr(module, "base_layer")
+        and hasattr(module, "merged_adapters")
+    )
 
 
 def _merges(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
     return {name: tuple(m.merged_adapters) for name, m in model.named_modules() if _is_lora(m)}
 
 
-def _lora_views(model: torch.nn.Module, traced: dict[str, tuple[str, ...]]) -> dict[str, torch.Tensor]:
+def _lora_views(
+    model: torch.nn.Module, traced: dict[str, tuple[str, ...]]
+) -> dict[str, torch.Tensor]:
     views: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if not _is_lora(module):

@@ -35,7 +35,10 @@ class Capability:
         target = node.target
         if not isinstance(target, torch._ops.OpOverload):
             return None
-        if str(target) in self.torch_executed_ops or target.name().replace("::", ".") in self.torch_executed_ops:
+        if (
+            str(target) in self.torch_executed_ops
+            or target.name().replace("::", ".") in self.torch_executed_ops
+        ):
             return FALLBACK
         return ENGINE if self.backend_supports(node) else FALLBACK
 

@@ -81,7 +81,8 @@ class Refitter:
         if device.type != "cuda":
             return False
         return all(
-            t.device == device or (t.is_pinned() and t.is_contiguous()) for t in self.tensors.values()
+            t.device == device or (t.is_pinned() and t.is_contiguous())
+            for t in self.tensors.values()
         )
 
 

@@ -36,7 +36,8 @@ from .weights import WeightProgram, WeightStore
 
 FORMAT = "torchrefit"
 VERSION = 1
-CHECKSUMS = "checksums.json"  # member -> SHA-256; detects corruption (a hash in the file cannot detect tampering)
+# member -> SHA-256: detects corruption (a hash inside the file cannot detect tampering)
+CHECKSUMS = "checksums.json"
 
 
 def save(module: CompiledModule, path: str, include_weights: bool = True) -> None:
@@ -61,10 +62,17 @@ def save(module: CompiledModule, path: str, include_weights: bool = True) -> Non
         "stripped": sorted(stripped),
     }
     with state.guard.refit:  # one complete weight set, even while another thread refits
-        kept = {k: t.detach().to("cpu", copy=True) for k, t in state.store.tensors.items() if k not in stripped}
+        kept = {
+            k: t.detach().to("cpu", copy=True)
+            for k, t in state.store.tensors.items()
+            if k not in stripped
+        }
     weights = save_tensors(kept)
 
-    members = {"metadata.json": json.dumps(metadata, indent=1).encode(), "weights.safetensors": weights}
+    members = {
+        "metadata.json": json.dumps(metadata, indent=1).encode(),
+        "weights.safetensors": weights,
+    }
     members.update({f"engines/{name}.bin": data for name, data in artifacts.items()})
     sums = {name: hashlib.sha256(data).hexdigest() for name, data in members.items()}
 
@@ -89,8 +97,19 @@ def stripped_keys(state: RefitState) -> set[str]:
 # What a file that is corrupt or hostile can raise while being parsed: all become
 # SerializationError naming the file.
 MALFORMED = (
-    KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError, RuntimeError,
-    OverflowError, EOFError, NotImplementedError, OSError, zipfile.BadZipFile, zlib.error,
+    KeyError,
+    TypeError,
+    ValueError,
+    AttributeError,
+    IndexError,
+    RecursionError,
+    RuntimeError,
+    OverflowError,
+    EOFError,
+    NotImplementedError,
+    OSError,
+    zipfile.BadZipFile,
+    zlib.error,
 )
 MAX_METADATA_BYTES = 256 << 20
 DERIVED_GROWTH = 64  # a derived constant holds at most this many times its sources' elements
@@ -114,13 +133,17 @@ def _load(path: str) -> CompiledModule:
     archive, metadata = open_file(path)
     with archive:
         stripped = set(metadata.get("stripped", []))
-        weights = {} if _all_stripped(metadata, stripped) else _read_weights(archive, path, metadata)
+        weights = (
+            {} if _all_stripped(metadata, stripped) else _read_weights(archive, path, metadata)
+        )
         state = _state_from_json(metadata["state"], weights, stripped)
         root = torch.nn.Module()
         for attr in state.output_constants:
             root.register_buffer(check_name(attr, "attribute"), torch.empty(0), persistent=False)
         for child in metadata["children"]:
-            root.add_module(check_name(child["name"], "child"), _child_from_json(child, archive, state, path))
+            root.add_module(
+                check_name(child["name"], "child"), _child_from_json(child, archive, state, path)
+            )
         graph = graph_from_json(metadata["graph"])
     _check_references(graph, root, path)
     compiled = CompiledModule(root, graph)
@@ -141,7 +164,9 @@ def _check_references(graph: fx.Graph, root: torch.nn.Module, path: str) -> None
         if (node.op == "call_module" and node.target not in children) or (
             node.op == "get_attr" and node.target not in buffers
         ):
-            raise SerializationError(f"{path!r}: the graph names {node.target!r}, which the file lacks.")
+            raise SerializationError(
+                f"{path!r}: the graph names {node.target!r}, which the file lacks."
+            )
 
 
 def _member(archive: zipfile.ZipFile, name: str, path: str, limit: int | None = None) -> bytes:
@@ -149,9 +174,13 @@ def _member(archive: zipfile.ZipFile, name: str, path: str, limit: int | None = 
     what the file holds, so a small file cannot expand into a large allocation."""
     info = archive.getinfo(name)
     if info.compress_type != zipfile.ZIP_STORED or info.file_size > os.path.getsize(path):
-        raise SerializationError(f"{path!r}: member {name!r} is compressed or larger than the file.")
+        raise SerializationError(
+            f"{path!r}: member {name!r} is compressed or larger than the file."
+        )
     if limit is not None and info.file_size > limit:
-        raise SerializationError(f"{path!r}: member {name!r} is {info.file_size} bytes, over {limit}.")
+        raise SerializationError(
+            f"{path!r}: member {name!r} is {info.file_size} bytes, over {limit}."
+        )
     data = archive.read(info)
     expected = _checksums(archive, path).get(name)
     if expected is not None and hashlib.sha256(data).hexdigest() != expected:
@@ -175,7 +204,9 @@ def _checksums(archive: zipfile.ZipFile, path: str) -> dict[str, str]:
     return sums
 
 
-def _read_weights(archive: zipfile.ZipFile, path: str, metadata: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _read_weights(
+    archive: zipfile.ZipFile, path: str, metadata: dict[str, Any]
+) -> dict[str, torch.Tensor]:
     data = _member(archive, "weights.safetensors", path)
     try:
         return load_tensors(data)
@@ -188,7 +219,9 @@ def _read_weights(archive: zipfile.ZipFile, path: str, metadata: dict[str, Any])
 def _placeholder(spec: dict[str, Any]) -> torch.Tensor:
     """Room for a stripped weight, not written: the module refuses to run until a refit
     fills it, and untouched host memory costs no physical pages."""
-    return torch.empty(_shape(spec), dtype=parse_dtype(spec["dtype"]), device=torch.device(spec["device"]))
+    return torch.empty(
+        _shape(spec), dtype=parse_dtype(spec["dtype"]), device=torch.device(spec["device"])
+    )
 
 
 def _shape(spec: dict[str, Any]) -> list[int]:
@@ -198,7 +231,9 @@ def _shape(spec: dict[str, Any]) -> list[int]:
     return shape
 
 
-def _checked_tensor(key: str, spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+def _checked_tensor(
+    key: str, spec: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> torch.Tensor:
     tensor = tensors.get(key)
     if tensor is None:
         raise SerializationError(f"weights.safetensors lacks engine constant {key!r}.")
@@ -211,7 +246,9 @@ def _checked_tensor(key: str, spec: dict[str, Any], tensors: dict[str, torch.Ten
     return tensor.to(torch.device(spec["device"]))
 
 
-def _check_store_specs(data: dict[str, Any], specs: dict[str, WeightSpec], lineage: dict[str, Lineage]) -> None:
+def _check_store_specs(
+    data: dict[str, Any], specs: dict[str, WeightSpec], lineage: dict[str, Lineage]
+) -> None:
     """Recorded constant shapes agree with the weights they come from, before anything is
     allocated: an edited shape cannot make a small file allocate terabytes."""
     for key, spec in data["store"].items():
@@ -224,7 +261,9 @@ def _check_store_specs(data: dict[str, Any], specs: dict[str, WeightSpec], linea
                     f"Engine constant {key!r} is recorded as {shape}; its weight is "
                     f"{[list(s.shape) for s in sources]}. The file was changed or corrupted."
                 )
-        elif math.prod(shape) > DERIVED_GROWTH * sum(math.prod(s.shape) for s in sources) + (1 << 20):
+        elif math.prod(shape) > DERIVED_GROWTH * sum(math.prod(s.shape) for s in sources) + (
+            1 << 20
+        ):
             raise SerializationError(
                 f"Derived constant {key!r} is recorded as {shape}, far larger than its sources "
                 f"{[s.fqn for s in sources]}. The file was changed or corrupted."
@@ -238,34 +277,46 @@ def _children_to_json(module: CompiledModule) -> tuple[list[dict[str, Any]], dic
             if child.artifact is None:
                 child.artifact = get_backend(child.backend).dump(child.runner)
             artifacts[name] = child.artifact
-            children.append({
-                "name": name,
-                "kind": "engine",
-                "backend": child.backend,
-                "constant_keys": child.constant_keys,
-                "single_output": child.single_output,
-                "sha256": hashlib.sha256(child.artifact).hexdigest(),
-            })
+            children.append(
+                {
+                    "name": name,
+                    "kind": "engine",
+                    "backend": child.backend,
+                    "constant_keys": child.constant_keys,
+                    "single_output": child.single_output,
+                    "sha256": hashlib.sha256(child.artifact).hexdigest(),
+                }
+            )
         elif isinstance(child, Fallback):
-            children.append({
-                "name": name,
-                "kind": "fallback",
-                "constant_keys": child.constant_keys,
-                "graph": graph_to_json(child.graph),
-            })
+            children.append(
+                {
+                    "name": name,
+                    "kind": "fallback",
+                    "constant_keys": child.constant_keys,
+                    "graph": graph_to_json(child.graph),
+                }
+            )
     return children, artifacts
 
 
-def _child_from_json(data: dict[str, Any], archive: zipfile.ZipFile, state: RefitState, path: str) -> torch.nn.Module:
+def _child_from_json(
+    data: dict[str, Any], archive: zipfile.ZipFile, state: RefitState, path: str
+) -> torch.nn.Module:
     keys = list(data["constant_keys"])
     unknown = [k for k in keys if not isinstance(k, str) or k not in state.store.tensors]
     if unknown:
-        raise SerializationError(f"{path!r}: child {data['name']!r} names constants {unknown[:3]} the file lacks.")
+        raise SerializationError(
+            f"{path!r}: child {data['name']!r} names constants {unknown[:3]} the file lacks."
+        )
     if data["kind"] == "fallback":
         graph = graph_from_json(data["graph"])
         allowed = {f"_w{i}" for i in range(len(keys))}
-        if any(n.op in ("get_attr", "call_module") and n.target not in allowed for n in graph.nodes):
-            raise SerializationError(f"{path!r}: fallback {data['name']!r} reads attributes it does not hold.")
+        if any(
+            n.op in ("get_attr", "call_module") and n.target not in allowed for n in graph.nodes
+        ):
+            raise SerializationError(
+                f"{path!r}: fallback {data['name']!r} reads attributes it does not hold."
+            )
         return make_fallback(graph, keys)
     if data["kind"] != "engine" or data["backend"] not in BACKENDS:
         raise SerializationError(f"{path!r}: child {data['name']!r} is of unknown kind or backend.")
@@ -328,21 +379,27 @@ def _state_to_json(state: RefitState) -> dict[str, Any]:
         "out_spec": pytree.treespec_dumps(state.out_spec),
         "guards": [g.to_json() for g in state.guards],
         "lowered_order": state.lowered_order,
-        "cast_inputs_to": None if state.cast_inputs_to is None else dtype_name(state.cast_inputs_to),
+        "cast_inputs_to": None
+        if state.cast_inputs_to is None
+        else dtype_name(state.cast_inputs_to),
         "output_constants": state.output_constants,
         "inf_allowed": sorted(state.inf_allowed),
         "mutations": [list(m) for m in state.mutations],
     }
 
 
-def _state_from_json(data: dict[str, Any], tensors: dict[str, torch.Tensor], stripped: set[str]) -> RefitState:
+def _state_from_json(
+    data: dict[str, Any], tensors: dict[str, torch.Tensor], stripped: set[str]
+) -> RefitState:
     specs = {s["fqn"]: WeightSpec.from_json(s) for s in data["specs"]}
     lineage = {k: Lineage.from_json(v) for k, v in data["lineage"].items()}
     _check_store_specs(data, specs, lineage)
-    store = WeightStore({
-        k: _placeholder(spec) if k in stripped else _checked_tensor(k, spec, tensors)
-        for k, spec in data["store"].items()
-    })
+    store = WeightStore(
+        {
+            k: _placeholder(spec) if k in stripped else _checked_tensor(k, spec, tensors)
+            for k, spec in data["store"].items()
+        }
+    )
     cast = data["cast_inputs_to"]
     return RefitState(
         settings=Settings.from_json(data["settings"]),

@@ -64,7 +64,9 @@ class Settings:
         None,
         "Engine cache directory: a structure compiled before is loaded and refitted, not compiled.",
     )
-    cache_max_bytes: int = _runtime(4 << 30, "Size bound of the engine cache; least recently used entries go.")
+    cache_max_bytes: int = _runtime(
+        4 << 30, "Size bound of the engine cache; least recently used entries go."
+    )
     double_buffer: bool = _runtime(
         False,
         "Keep a standby copy of the weights: refits write and check it while calls run, then "
@@ -94,14 +96,23 @@ class Settings:
         object.__setattr__(self, "device", _device_name(self.device))
         if self.cache_dir is not None:
             if not isinstance(self.cache_dir, (str, os.PathLike)):
-                raise SettingsError(f"Settings.cache_dir is {self.cache_dir!r}; expected a path or None.")
+                raise SettingsError(
+                    f"Settings.cache_dir is {self.cache_dir!r}; expected a path or None."
+                )
             object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
         for name in ("immutable_weights", "fold_batch_norm", "cuda_graphs", "double_buffer"):
             if not isinstance(getattr(self, name), bool):
-                raise SettingsError(f"Settings.{name} is {getattr(self, name)!r}; expected True or False.")
-        if isinstance(self.cache_max_bytes, bool) or not isinstance(self.cache_max_bytes, int) or self.cache_max_bytes <= 0:
+                raise SettingsError(
+                    f"Settings.{name} is {getattr(self, name)!r}; expected True or False."
+                )
+        if (
+            isinstance(self.cache_max_bytes, bool)
+            or not isinstance(self.cache_max_bytes, int)
+            or self.cache_max_bytes <= 0
+        ):
             raise SettingsError(
-                f"Settings.cache_max_bytes is {self.cache_max_bytes!r}; expected a positive int (bytes)."
+                f"Settings.cache_max_bytes is {self.cache_max_bytes!r}; expected a positive int "
+                "(bytes)."
             )
 
     @property
@@ -114,9 +125,7 @@ class Settings:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - names)
         if unknown:
-            raise SettingsError(
-                f"Unknown setting(s) {unknown}; the settings are {sorted(names)}."
-            )
+            raise SettingsError(f"Unknown setting(s) {unknown}; the settings are {sorted(names)}.")
         return dataclasses.replace(base or cls(), **overrides)
 
     def engine_key(self) -> dict[str, Any]:
@@ -144,11 +153,16 @@ def _device_name(device: Any) -> str | None:
     if device is None:
         return None
     if not isinstance(device, (str, torch.device)):
-        raise SettingsError(f"Settings.device is {device!r}; expected a string such as 'cuda:0', a torch.device or None.")
+        raise SettingsError(
+            f"Settings.device is {device!r}; expected a string such as 'cuda:0', a "
+            "torch.device or None."
+        )
     try:
         return str(torch.device(device))
     except (RuntimeError, ValueError) as exc:
-        raise SettingsError(f"Settings.device is {device!r}, which is no device ({exc}); e.g. 'cpu' or 'cuda:0'.") from exc
+        raise SettingsError(
+            f"Settings.device is {device!r}, which is no device ({exc}); e.g. 'cpu' or 'cuda:0'."
+        ) from exc
 
 
 def _options(options: Any) -> tuple[tuple[str, Any], ...]:
@@ -170,9 +184,7 @@ def _dtype_name(dtype: Any) -> str | None:
     for name, value in _DTYPES.items():
         if value == dtype:
             return name
-    raise SettingsError(
-        f"Settings.dtype is {dtype}; expected one of {sorted(_DTYPES)} or None."
-    )
+    raise SettingsError(f"Settings.dtype is {dtype}; expected one of {sorted(_DTYPES)} or None.")
 
 
 def _op_names(ops: Any) -> frozenset[str]:

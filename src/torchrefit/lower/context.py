@@ -79,7 +79,9 @@ class LoweringContext:
     settings: Settings
 
 
-def add_node(graph: fx.Graph, target: Any, args: tuple[Any, ...], kwargs: dict | None = None) -> fx.Node:
+def add_node(
+    graph: fx.Graph, target: Any, args: tuple[Any, ...], kwargs: dict | None = None
+) -> fx.Node:
     """A call_function node with its fake value computed, so Inductor can trace it."""
     kwargs = kwargs or {}
     node = graph.call_function(target, args, kwargs)

@@ -67,7 +67,9 @@ def _fold(program: LoweredProgram, bn: fx.Node) -> None:
     dtype = weight.meta["val"].dtype
     with graph.inserting_before(conv):
         up = lambda n: n if n is None else _as_float32(graph, n)  # noqa: E731
-        inv_std = add_node(graph, aten.rsqrt.default, (add_node(graph, aten.add.Scalar, (up(var), eps)),))
+        inv_std = add_node(
+            graph, aten.rsqrt.default, (add_node(graph, aten.add.Scalar, (up(var), eps)),)
+        )
         scale = inv_std if gamma is None else add_node(graph, aten.mul.Tensor, (inv_std, up(gamma)))
         shape = [-1] + [1] * (weight.meta["val"].dim() - 1)
         new_weight = add_node(
@@ -83,8 +85,13 @@ def _fold(program: LoweredProgram, bn: fx.Node) -> None:
         folded = add_node(graph, aten.convolution.default, (x, new_weight, new_bias, *conv_rest))
     bn_fqn = _fqn(program, mean).rsplit(".", 1)[0]
     for node, source in ((new_weight, weight), (new_bias, bias)):
-        program.notes[node] = f"batch norm {bn_fqn!r} folded into convolution {_fqn(program, weight).rsplit('.', 1)[0]!r}"
-        program.names[node] = f"~bn_folded:{_fqn(program, source) if source is not None else bn_fqn + '.bias'}"
+        program.notes[node] = (
+            f"batch norm {bn_fqn!r} folded into convolution "
+            f"{_fqn(program, weight).rsplit('.', 1)[0]!r}"
+        )
+        program.names[node] = (
+            f"~bn_folded:{_fqn(program, source) if source is not None else bn_fqn + '.bias'}"
+        )
     for user in list(bn.users):
         user.replace_all_uses_with(folded)
         graph.erase_node(user)

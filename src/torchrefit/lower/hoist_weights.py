@@ -44,7 +44,9 @@ def hoist_weights(program: LoweredProgram, ctx: LoweringContext) -> LoweredProgr
         graph.erase_node(node)
     program.gm.recompile()
     program.weight_program = weight_program
-    logger.debug("hoisted %d weight-only nodes into %d derived weights", len(hoisted), len(boundary))
+    logger.debug(
+        "hoisted %d weight-only nodes into %d derived weights", len(hoisted), len(boundary)
+    )
     return program
 
 
@@ -73,7 +75,9 @@ def _weight_only_nodes(program: LoweredProgram) -> set[fx.Node]:
 def _pure(node: fx.Node) -> bool:
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
-        return torch.Tag.nondeterministic_seeded not in target.tags and not target._schema.is_mutable
+        return (
+            torch.Tag.nondeterministic_seeded not in target.tags and not target._schema.is_mutable
+        )
     return target.__module__ in ("_operator", "operator")
 
 

@@ -40,7 +40,9 @@ def commit(module: CompiledModule, values: Values, in_place: bool) -> CompiledMo
     return target
 
 
-def commit_by(module: CompiledModule, keys: set[str], write_values: Callable[[WeightStore], None]) -> None:
+def commit_by(
+    module: CompiledModule, keys: set[str], write_values: Callable[[WeightStore], None]
+) -> None:
     """In place: `write_values(store)` writes the constants `keys` into `store`.
 
     Plainly, `store` is the active buffer, written while no call runs. Double-buffered, it
@@ -96,7 +98,9 @@ def _write_values(module: CompiledModule, store: WeightStore, values: Values) ->
 
 def write(store: WeightStore, values: dict[str, torch.Tensor]) -> None:
     """Copy `values` into the store's buffers; returns once the sources may be reused."""
-    groups: dict[tuple[torch.device, torch.device], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    groups: dict[
+        tuple[torch.device, torch.device], tuple[list[torch.Tensor], list[torch.Tensor]]
+    ] = {}
     for key, value in values.items():
         dst = store[key]
         dsts, srcs = groups.setdefault((dst.device, value.device), ([], []))
@@ -131,7 +135,9 @@ def _from_host(store: WeightStore, dsts: list[torch.Tensor], srcs: list[torch.Te
         for (start, numel), (dst, src) in zip(slots, pairs, strict=True):
             mirror[start : start + numel].view(dst.shape).copy_(src)
             if start + numel == next_run[1]:  # a run is filled: upload it while the CPU goes on
-                arena[next_run[0] : next_run[1]].copy_(mirror[next_run[0] : next_run[1]], non_blocking=True)
+                arena[next_run[0] : next_run[1]].copy_(
+                    mirror[next_run[0] : next_run[1]], non_blocking=True
+                )
                 next_run = next(runs, (0, -1))
 
 
@@ -139,7 +145,9 @@ def _mirror(store: WeightStore, group: tuple[torch.device, torch.dtype]) -> torc
     mirror = store.mirrors.get(group)
     if mirror is None:
         arena = store.arenas[group]
-        mirror = store.mirrors[group] = torch.empty(arena.numel(), dtype=arena.dtype, pin_memory=True)
+        mirror = store.mirrors[group] = torch.empty(
+            arena.numel(), dtype=arena.dtype, pin_memory=True
+        )
     return mirror
 
 
@@ -153,7 +161,11 @@ def upload_runs(slots: list[tuple[int, int]], item: int) -> list[tuple[int, int]
     (up to alignment padding) join, and a run closes once it holds CHUNK_BYTES."""
     runs: list[tuple[int, int]] = []
     for start, numel in slots:
-        if runs and start == _align(runs[-1][1], item) and (runs[-1][1] - runs[-1][0]) * item < CHUNK_BYTES:
+        if (
+            runs
+            and start == _align(runs[-1][1], item)
+            and (runs[-1][1] - runs[-1][0]) * item < CHUNK_BYTES
+        ):
             runs[-1] = (runs[-1][0], start + numel)
         else:
             runs.append((start, start + numel))
@@ -163,7 +175,9 @@ def upload_runs(slots: list[tuple[int, int]], item: int) -> list[tuple[int, int]
 def copy_plan(store: WeightStore, values: dict[str, torch.Tensor]) -> Callable[[], None]:
     """A bound copy of fixed `values` into the store, capturable as a CUDA graph: one
     gather-copy launch per arena where the kernel works, else batched copies."""
-    groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    groups: dict[
+        tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]
+    ] = {}
     for key, value in values.items():
         dst = store[key]
         dsts, srcs = groups.setdefault((dst.device, dst.dtype), ([], []))
@@ -197,7 +211,9 @@ def _batched_copy(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> Callabl
     return copy
 
 
-def _stream_into(store: WeightStore, streamed: dict[str, FileTensor], pending: set[str] | None = None) -> None:
+def _stream_into(
+    store: WeightStore, streamed: dict[str, FileTensor], pending: set[str] | None = None
+) -> None:
     """Each file weight's bytes straight into its buffer in `store`, cast as copied."""
     files: dict[str, BufferedReader] = {}
     try:
@@ -211,7 +227,9 @@ def _stream_into(store: WeightStore, streamed: dict[str, FileTensor], pending: s
     finally:
         for f in files.values():
             f.close()
-    logger.info("streamed %d weights from %s", len(streamed), sorted({t.path for t in streamed.values()}))
+    logger.info(
+        "streamed %d weights from %s", len(streamed), sorted({t.path for t in streamed.values()})
+    )
 
 
 class _Chunks:
@@ -220,7 +238,9 @@ class _Chunks:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         pinned = device.type == "cuda"
-        self.buffers = [torch.empty(buffer_bytes(), dtype=torch.uint8, pin_memory=pinned) for _ in range(2)]
+        self.buffers = [
+            torch.empty(buffer_bytes(), dtype=torch.uint8, pin_memory=pinned) for _ in range(2)
+        ]
         self.events: list[Any] = [None, None]
         self.turn = 0
 
@@ -235,7 +255,9 @@ class _Chunks:
         flat = dst.view(-1)
         with torch.no_grad():
             for first, chunk in chunks_of(f, t, self._next):
-                flat[first : first + chunk.numel()].copy_(chunk, non_blocking=self.device.type == "cuda")
+                flat[first : first + chunk.numel()].copy_(
+                    chunk, non_blocking=self.device.type == "cuda"
+                )
                 self._record()
 
     def _next(self) -> torch.Tensor:

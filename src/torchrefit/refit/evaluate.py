@@ -46,7 +46,9 @@ def evaluate(matched: Matched, state: RefitState, keys: set[str] | None = None) 
     inverse = {new: old for old, new in matched.rename.items()}
     needed = {inverse.get(name, name) for name in program.inputs}
     # state the forward writes (a counter, a cache) is the module's own: refits keep it
-    wanted = [k for k in store.keys() if (keys is None or k in keys) and state.lineage[k].kind != "state"]
+    wanted = [
+        k for k in store.keys() if (keys is None or k in keys) and state.lineage[k].kind != "state"
+    ]
     streamed: dict[str, FileTensor] = {}
     cast: dict[str, torch.Tensor] = {}
     for fqn, source in matched.tensors.items():
@@ -56,15 +58,21 @@ def evaluate(matched: Matched, state: RefitState, keys: set[str] | None = None) 
         tensor = read_tensor(source) if isinstance(source, FileTensor) else source
         cast[fqn] = _cast(tensor, state.engine_dtypes[fqn], store.device, fqn in needed)
     derived = _derived(matched, state, cast, inverse)
-    values = {k: derived[k] if k in derived else cast[k] for k in wanted if k in derived or k in cast}
+    values = {
+        k: derived[k] if k in derived else cast[k] for k in wanted if k in derived or k in cast
+    }
     # a value read from the store itself (its own constants, swapped) must not be overwritten
     # before it is read: copy those first
     owned = {k: v.clone() if store.holds(v) else v for k, v in values.items()}
-    sources = {k: matched.tensors[k] for k in owned if k in cast and cast[k] is not matched.tensors[k]}
+    sources = {
+        k: matched.tensors[k] for k in owned if k in cast and cast[k] is not matched.tensors[k]
+    }
     return Values(owned, {k: v for k, v in streamed.items() if k in wanted}, sources)
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device, program_input: bool) -> torch.Tensor:
+def _cast(
+    tensor: torch.Tensor, dtype: torch.dtype, device: torch.device, program_input: bool
+) -> torch.Tensor:
     if tensor.dtype == dtype and not (program_input and tensor.device != device):
         return tensor
     if tensor.device != device and tensor.is_pinned():
@@ -111,11 +119,15 @@ def finite_flag(values: Values, state: RefitState) -> torch.Tensor:
     return tensors_flag(checked(values), state.inf_allowed, state.store.device)
 
 
-def tensors_flag(tensors: dict[str, torch.Tensor], inf_allowed: set[str], device: torch.device) -> torch.Tensor:
+def tensors_flag(
+    tensors: dict[str, torch.Tensor], inf_allowed: set[str], device: torch.device
+) -> torch.Tensor:
     flags = [torch.ones((), dtype=torch.bool, device=device)]
     strict = {k: v for k, v in tensors.items() if k not in inf_allowed}
     for group in _by_device(strict).values():
-        flags.append(torch.isfinite(torch.stack(torch._foreach_norm(group, float("inf")))).all().to(device))
+        flags.append(
+            torch.isfinite(torch.stack(torch._foreach_norm(group, float("inf")))).all().to(device)
+        )
     for key, value in tensors.items():
         if key in inf_allowed:
             flags.append(torch.isnan(value).any().logical_not().to(device))
@@ -166,7 +178,9 @@ def check_layout(values: Values, state: RefitState) -> None:
             )
 
 
-def raise_nonfinite(tensors: dict[str, torch.Tensor], sources: dict[str, Source], state: RefitState) -> None:
+def raise_nonfinite(
+    tensors: dict[str, torch.Tensor], sources: dict[str, Source], state: RefitState
+) -> None:
     """Name the first value the finiteness check refuses."""
     candidates = {k: v for k, v in tensors.items() if v.is_floating_point() and v.numel()}
     for key in nonfinite(candidates):
@@ -186,7 +200,9 @@ def raise_nonfinite(tensors: dict[str, torch.Tensor], sources: dict[str, Source]
                 f"Weight {key!r} overflows {value.dtype} (largest magnitude {peak:.4g}); it "
                 "would become inf. Rescale it, or compile with a wider dtype."
             )
-        what = "NaN" if bool(torch.isnan(value).any()) else "inf, which it did not hold when compiled"
+        what = (
+            "NaN" if bool(torch.isnan(value).any()) else "inf, which it did not hold when compiled"
+        )
         raise WeightValueError(
             f"Weight {key!r} holds {what}; nothing was written. Refit with finite weights "
             "(check the training step that produced them)."

@@ -33,16 +33,28 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers
 # Every dtype the safetensors format defines: its torch dtype (None where torch has none)
 # and its size in bits.
 _FORMAT_DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
-    "BOOL": (torch.bool, 8), "U8": (torch.uint8, 8), "I8": (torch.int8, 8),
-    "U16": (torch.uint16, 16), "I16": (torch.int16, 16), "U32": (torch.uint32, 32),
-    "I32": (torch.int32, 32), "U64": (torch.uint64, 64), "I64": (torch.int64, 64),
-    "F16": (torch.float16, 16), "BF16": (torch.bfloat16, 16), "F32": (torch.float32, 32),
-    "F64": (torch.float64, 64), "C64": (torch.complex64, 64),
-    "F8_E4M3": (torch.float8_e4m3fn, 8), "F8_E5M2": (torch.float8_e5m2, 8),
-    "F8_E4M3FNUZ": (torch.float8_e4m3fnuz, 8), "F8_E5M2FNUZ": (torch.float8_e5m2fnuz, 8),
+    "BOOL": (torch.bool, 8),
+    "U8": (torch.uint8, 8),
+    "I8": (torch.int8, 8),
+    "U16": (torch.uint16, 16),
+    "I16": (torch.int16, 16),
+    "U32": (torch.uint32, 32),
+    "I32": (torch.int32, 32),
+    "U64": (torch.uint64, 64),
+    "I64": (torch.int64, 64),
+    "F16": (torch.float16, 16),
+    "BF16": (torch.bfloat16, 16),
+    "F32": (torch.float32, 32),
+    "F64": (torch.float64, 64),
+    "C64": (torch.complex64, 64),
+    "F8_E4M3": (torch.float8_e4m3fn, 8),
+    "F8_E5M2": (torch.float8_e5m2, 8),
+    "F8_E4M3FNUZ": (torch.float8_e4m3fnuz, 8),
+    "F8_E5M2FNUZ": (torch.float8_e5m2fnuz, 8),
     "F8_E8M0": (torch.float8_e8m0fnu, 8),
     "F4": (torch.float4_e2m1fn_x2, 4),  # torch packs two values in one element
-    "F6_E2M3": (None, 6), "F6_E3M2": (None, 6),
+    "F6_E2M3": (None, 6),
+    "F6_E3M2": (None, 6),
 }
 _UPCAST_BLOCK = 1 << 20  # elements upcast at once where torch has no abs/max for a dtype
 
@@ -89,7 +101,11 @@ def read_header(path: str) -> Header:
         raise TorchRefitError(f"Weights file {path!r} does not exist.")
     try:
         size, start, header = _raw_header(path)
-        entries = {name: _entry(path, name, e, start, size) for name, e in header.items() if name != "__metadata__"}
+        entries = {
+            name: _entry(path, name, e, start, size)
+            for name, e in header.items()
+            if name != "__metadata__"
+        }
     except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
         raise unreadable(path, exc) from exc
     _library_check(path, set(entries))
@@ -108,7 +124,10 @@ def _raw_header(path: str) -> tuple[int, int, dict[str, Any]]:
             raise ValueError("it is shorter than the 8 bytes that give its header's length")
         (header_size,) = struct.unpack("<Q", f.read(8))
         if header_size > MAX_HEADER_BYTES:
-            raise ValueError(f"its header claims {header_size} bytes, more than the {MAX_HEADER_BYTES} safetensors allows")
+            raise ValueError(
+                f"its header claims {header_size} bytes, more than the {MAX_HEADER_BYTES} "
+                "safetensors allows"
+            )
         if header_size > size - 8:
             raise ValueError(f"its header claims {header_size} bytes, more than the file holds")
         header = json.loads(f.read(header_size).decode("utf-8"))
@@ -119,15 +138,22 @@ def _raw_header(path: str) -> tuple[int, int, dict[str, Any]]:
 
 def _entry(path: str, name: str, entry: Any, start: int, size: int) -> FileTensor | UntypedTensor:
     if not isinstance(entry, dict):
-        raise ValueError(f"tensor {name!r} is described by {type(entry).__name__}, not a JSON object")
+        raise ValueError(
+            f"tensor {name!r} is described by {type(entry).__name__}, not a JSON object"
+        )
     code = entry["dtype"]
     if code not in _FORMAT_DTYPES:
-        raise ValueError(f"tensor {name!r} has dtype {code!r}, which the safetensors format does not define")
+        raise ValueError(
+            f"tensor {name!r} has dtype {code!r}, which the safetensors format does not define"
+        )
     dtype, bits = _FORMAT_DTYPES[code]
     begin, end = (start + o for o in _ints(name, "data_offsets", entry["data_offsets"]))
     shape = _ints(name, "shape", entry["shape"])
     if not start <= begin <= end <= size or (end - begin) * 8 != math.prod(shape) * bits:
-        raise ValueError(f"tensor {name!r} has offsets {entry['data_offsets']} that do not fit its shape and the file")
+        raise ValueError(
+            f"tensor {name!r} has offsets {entry['data_offsets']} that do not fit its shape "
+            "and the file"
+        )
     if code == "F4" and shape and shape[-1] % 2 == 0:
         return FileTensor(path, torch.float4_e2m1fn_x2, (*shape[:-1], shape[-1] // 2), begin, end)
     if dtype is None or code == "F4":  # F4 with an odd last dim has no torch shape
@@ -152,7 +178,9 @@ def _library_check(path: str, names: set[str]) -> None:
     except (SafetensorError, OSError, ValueError) as exc:
         raise unreadable(path, ValueError(f"the safetensors library refuses it: {exc}")) from exc
     if known != names:
-        raise unreadable(path, ValueError("the safetensors library reads other tensor names from it"))
+        raise unreadable(
+            path, ValueError("the safetensors library reads other tensor names from it")
+        )
 
 
 def unreadable(path: str, exc: BaseException) -> IncompatibleWeightsError:

@@ -64,7 +64,10 @@ def match(
 ) -> Matched:
     """Fast path when the structure is the recorded one; slow path re-lowers and matches."""
     if new.program is not None:
-        if use_cache and source_fingerprint(new.program, state.settings.engine_key()) == state.fingerprint:
+        if (
+            use_cache
+            and source_fingerprint(new.program, state.settings.engine_key()) == state.fingerprint
+        ):
             return fast(new, state)
         if _same_names(new, state):
             by_fqn(new, state)  # a wrong shape or dtype is named as such, not as another graph
@@ -178,7 +181,9 @@ def _castable(src: torch.dtype, dst: torch.dtype) -> bool:
     return True
 
 
-def _required(fqn: str, spec: WeightSpec, given: dict[str, Source], new: NewWeights, state: RefitState) -> bool:
+def _required(
+    fqn: str, spec: WeightSpec, given: dict[str, Source], new: NewWeights, state: RefitState
+) -> bool:
     """Missing and needed: parameters and persistent buffers always; the rest only from an
     ExportedProgram (a module cannot show constants its forward creates)."""
     if state.aliases.get(fqn, fqn) in given:
@@ -191,7 +196,11 @@ def _names(names: list[str], attribute: str, limit: int = 8) -> str:
     """The first `limit` names; the error's `attribute` lists them all."""
     shown = ", ".join(repr(n) for n in names[:limit])
     rest = len(names) - limit
-    return f"[{shown}]" if rest <= 0 else f"[{shown}, and {rest} more: the error's .{attribute} lists all]"
+    return (
+        f"[{shown}]"
+        if rest <= 0
+        else f"[{shown}, and {rest} more: the error's .{attribute} lists all]"
+    )
 
 
 def _same(a: Source, b: Source) -> bool:
@@ -228,7 +237,9 @@ def slow(new: NewWeights, state: RefitState, arg_inputs: Any, kwarg_inputs: Any)
             )
         program = engine_program(source, source.module(), arg_inputs, kwarg_inputs, state.settings)
     lowered = lower(program, LoweringContext(state.settings))
-    lowered_fp = fingerprint(describe(lowered.gm.graph, lowered.labels()), state.settings.engine_key())
+    lowered_fp = fingerprint(
+        describe(lowered.gm.graph, lowered.labels()), state.settings.engine_key()
+    )
     if lowered_fp != state.lowered_structure:
         raise IncompatibleWeightsError(
             "The new program lowers to another graph than the compiled one although their "

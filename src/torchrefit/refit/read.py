@@ -30,7 +30,9 @@ class NewWeights:
     origin: str  # "exported_program", "module", "state_dict" or "safetensors"
     program: ExportedProgram | None = None
     module: torch.nn.Module | None = None
-    untyped: dict[str, UntypedTensor] = field(default_factory=dict)  # file tensors torch cannot hold
+    untyped: dict[str, UntypedTensor] = field(
+        default_factory=dict
+    )  # file tensors torch cannot hold
 
     @property
     def complete(self) -> bool:
@@ -82,7 +84,9 @@ def checkpoint(path: str) -> Header:
     return read_header(path)
 
 
-def module_tensors(module: torch.nn.Module, specs: dict[str, WeightSpec]) -> dict[str, torch.Tensor]:
+def module_tensors(
+    module: torch.nn.Module, specs: dict[str, WeightSpec]
+) -> dict[str, torch.Tensor]:
     """Parameters, buffers, and the tensor attributes that the program lifted as constants."""
     tensors: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
     tensors.update(module.named_buffers(remove_duplicate=False))

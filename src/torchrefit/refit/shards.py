@@ -100,7 +100,9 @@ def _shard_path(index: str, shard: str) -> str:
     allowed = {os.path.realpath(directory), os.path.dirname(os.path.realpath(index))}
     real = os.path.realpath(path)
     if os.path.dirname(real) not in allowed:
-        raise _bad_index(index, f"its shard {shard!r} is a link to {real!r}, outside the checkpoint's directory")
+        raise _bad_index(
+            index, f"its shard {shard!r} is a link to {real!r}, outside the checkpoint's directory"
+        )
     return path
 
 

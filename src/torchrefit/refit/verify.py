@@ -52,14 +52,20 @@ def compare_outputs(actual: Any, expected: Any) -> str | None:
             continue
         name = pytree.keystr(path) or "output"
         if not isinstance(a, torch.Tensor) or a.shape != e.shape:
-            return f"output {name} has shape {getattr(a, 'shape', None)}, eager gives {tuple(e.shape)}"
+            return (
+                f"output {name} has shape {getattr(a, 'shape', None)}, eager gives {tuple(e.shape)}"
+            )
         if not (a.is_floating_point() or e.is_floating_point()):
             if not torch.equal(a.cpu(), e.cpu()):
                 return f"output {name} ({a.dtype}) differs from eager"
             continue
         err, tol = relative_error(a, e), tolerance(a.dtype, e.dtype)
         if err > tol and (worst is None or err / tol > worst[0]):
-            worst = (err / tol, f"output {name} differs from eager by relative error {err:.3g} (tolerance {tol:.0e} for {a.dtype})")
+            worst = (
+                err / tol,
+                f"output {name} differs from eager by relative error {err:.3g} "
+                f"(tolerance {tol:.0e} for {a.dtype})",
+            )
     return None if worst is None else worst[1]
 
 
@@ -81,7 +87,9 @@ def verify(
     reference = _reference(new, arg_inputs, kwarg_inputs)
     error = compare_outputs(target(*arg_inputs, **(kwarg_inputs or {})), reference)
     if error is not None and matched.path == "fast" and new.program is not None:
-        logger.warning("verification failed after the fast path (%s); retrying the slow path", error)
+        logger.warning(
+            "verification failed after the fast path (%s); retrying the slow path", error
+        )
         state = target._torchrefit
         values = evaluate(slow(new, state, arg_inputs, kwarg_inputs), state)
         validate(values, state)

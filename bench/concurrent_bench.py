@@ -4,8 +4,8 @@ from a refit call to the first call computing with the new weights. One process,
     PYTHONPATH=$PWD/src python3 bench/concurrent_bench.py --device cuda --out $OUT
     python bench/concurrent_bench.py --device cpu --quick          # CPU smoke run
 
-Inference runs on the main thread (CUDA graphs on a GPU); refits run on a second thread and,
-on a GPU, on a stream of their own. Each configuration: plain refits (the commit excludes
+Inference runs on the main thread (CUDA graphs on a GPU), waiting for each result as a
+server does; refits run on a second thread and, on a GPU, on a stream of their own. Each configuration: plain refits (the commit excludes
 calls while it copies) and double-buffered ones (copies go to the standby buffer, then a
 flip). Throughput is calls per second over a fixed wall time, synchronized at the end.
 """
@@ -55,6 +55,7 @@ def throughput(
     calls, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         compiled(*x)
+        sync(device)  # a server returns each result: no queue of launches holding the GIL
         calls += 1
     sync(device)
     elapsed = time.perf_counter() - started

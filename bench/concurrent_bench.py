@@ -7,7 +7,8 @@ from a refit call to the first call computing with the new weights. One process,
 Inference runs on the main thread (CUDA graphs on a GPU), waiting for each result as a
 server does; refits run on a second thread and, on a GPU, on a stream of their own. Each
 configuration: plain refits (the commit excludes calls while it copies) and double-buffered
-ones (copies go to the standby buffer, then a flip). Throughput is calls per second over a fixed wall time, synchronized at the end.
+ones (copies go to the standby buffer, then a flip). Throughput is calls per second over a
+fixed wall time, synchronized at the end.
 """
 
 from __future__ import annotations

@@ -389,3 +389,23 @@ def test_name_map_for_prefixed_checkpoints(tmp_path) -> None:
     assert_matches(refitted(*x), run_eager(b, *x))
     with pytest.raises(torchrefit.IncompatibleWeightsError, match="both"):
         torchrefit.refit_module_weights(compiled, renamed, name_map=lambda n: "fc1.weight")
+
+
+def test_refitter_refuses_bound_tensors_changed_behind_its_back() -> None:
+    """A `.data` swap to another dtype is refused, not cast silently; a swap to other memory
+    is refused too (a captured graph would read the old memory)."""
+    a, b = torch.nn.Linear(4, 4).eval(), torch.nn.Linear(4, 4).eval()
+    x = torch.randn(2, 4)
+    compiled = torchrefit.compile(a, (x,), backend="eager")
+    refitter = torchrefit.Refitter(compiled, b)
+    refitter()
+    before = compiled(x)
+    b.weight.data = b.weight.data.double()
+    with pytest.raises(torchrefit.WeightDtypeError, match="weight"):
+        refitter()
+    b.weight.data = torch.randn(4, 4)
+    with pytest.raises(torchrefit.TorchRefitError, match="other memory"):
+        refitter()
+    assert torch.equal(compiled(x), before)
+    torchrefit.Refitter(compiled, b)()  # a new one binds the new tensor
+    assert_matches(compiled(x), run_eager(b, x))

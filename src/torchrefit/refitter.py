@@ -45,7 +45,7 @@ class Refitter:
             )
         self.matched: Matched = fast(read(weights, self.state.specs), self.state)
         self.tensors = _tensors(self.matched)
-        self._bound = {k: (tuple(t.shape), t.dtype) for k, t in self.tensors.items()}
+        self._bound = _signature(self.tensors)
         self._graphs: _Graphs | None = None
         if cuda_graph and self._capturable():
             self._graphs = _Graphs(self.matched, self.state)
@@ -61,19 +61,28 @@ class Refitter:
                 self._graphs.run(self.module)
 
     def _check_bound(self) -> None:
-        """A bound tensor changed dtype or shape in place (`.data = ...`): refuse, as a
-        refit from it would."""
-        for fqn, tensor in self.tensors.items():
-            shape, dtype = self._bound[fqn]
+        """A bound tensor changed dtype, shape or memory in place (`.data = ...`): refuse, as
+        a refit from it would (and a captured graph would read the old memory). One list
+        comparison per call; the loop below only names what changed."""
+        if _signature(self.tensors) == self._bound:
+            return
+        for (fqn, tensor), (ptr, dtype, shape) in zip(
+            self.tensors.items(), self._bound, strict=True
+        ):
             if tensor.dtype != dtype:
                 raise WeightDtypeError(
                     f"Bound weight {fqn!r} is now {tensor.dtype}; it was {dtype} when the "
                     "Refitter was made. Make a new Refitter."
                 )
-            if tuple(tensor.shape) != shape:
+            if tensor.shape != shape:
                 raise WeightShapeError(
                     f"Bound weight {fqn!r} now has shape {list(tensor.shape)}; it had "
                     f"{list(shape)} when the Refitter was made. Make a new Refitter."
+                )
+            if tensor.data_ptr() != ptr:
+                raise TorchRefitError(
+                    f"Bound weight {fqn!r} now lives in other memory (its .data was replaced); "
+                    "a Refitter binds tensors once. Make a new Refitter."
                 )
 
     def _capturable(self) -> bool:
@@ -84,6 +93,10 @@ class Refitter:
             t.device == device or (t.is_pinned() and t.is_contiguous())
             for t in self.tensors.values()
         )
+
+
+def _signature(tensors: dict[str, torch.Tensor]) -> list[tuple[int, torch.dtype, torch.Size]]:
+    return [(t.data_ptr(), t.dtype, t.shape) for t in tensors.values()]
 
 
 def _tensors(matched: Matched) -> dict[str, torch.Tensor]:

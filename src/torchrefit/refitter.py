@@ -45,7 +45,10 @@ class Refitter:
             )
         self.matched: Matched = fast(read(weights, self.state.specs), self.state)
         self.tensors = _tensors(self.matched)
-        self._bound = _signature(self.tensors)
+        # the caller's own tensor objects (a Parameter whose .data is swapped stays the same
+        # object, while the detached alias bound above keeps the old memory)
+        self._originals = _originals(weights, self.tensors)
+        self._bound = _signature(self._originals)
         self._graphs: _Graphs | None = None
         if cuda_graph and self._capturable():
             self._graphs = _Graphs(self.matched, self.state)
@@ -64,10 +67,10 @@ class Refitter:
         """A bound tensor changed dtype, shape or memory in place (`.data = ...`): refuse, as
         a refit from it would (and a captured graph would read the old memory). One list
         comparison per call; the loop below only names what changed."""
-        if _signature(self.tensors) == self._bound:
+        if _signature(self._originals) == self._bound:
             return
         for (fqn, tensor), (ptr, dtype, shape) in zip(
-            self.tensors.items(), self._bound, strict=True
+            self._originals.items(), self._bound, strict=True
         ):
             if tensor.dtype != dtype:
                 raise WeightDtypeError(
@@ -93,6 +96,15 @@ class Refitter:
             t.device == device or (t.is_pinned() and t.is_contiguous())
             for t in self.tensors.values()
         )
+
+
+def _originals(weights: Any, bound: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if isinstance(weights, torch.nn.Module):
+        given: dict[str, Any] = dict(weights.named_parameters(remove_duplicate=False))
+        given.update(weights.named_buffers(remove_duplicate=False))
+    else:
+        given = dict(weights)
+    return {k: given[k] if isinstance(given.get(k), torch.Tensor) else t for k, t in bound.items()}
 
 
 def _signature(tensors: dict[str, torch.Tensor]) -> list[tuple[int, torch.dtype, torch.Size]]:

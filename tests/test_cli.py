@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +19,13 @@ from models import MLP, randomize
 TESTS = Path(__file__).parent
 
 
+# The torchrefit under test, not whichever one the venv's editable install points at (in a
+# git worktree that is another checkout: its CLI then wrote files this checkout cannot read)
+SOURCE = Path(torchrefit.__file__).resolve().parent.parent
+
+
 def run(*args: str) -> subprocess.CompletedProcess:
-    env = {"PYTHONPATH": str(TESTS), "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": f"{SOURCE}{os.pathsep}{TESTS}", "PATH": "/usr/bin:/bin"}
     return subprocess.run(
         [sys.executable, "-m", "torchrefit.cli", *args],
         capture_output=True,
@@ -79,6 +86,9 @@ def test_refit_with_a_prefixed_checkpoint(saved, tmp_path) -> None:
         "--verify",
     )
     assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no progress when stderr is not a terminal
+    assert "verified: all 6 engine constants equal" in result.stdout
+    assert "x float32[4, 16]" in result.stdout and "Not checked" in result.stdout
     x = torch.randn(4, 16)
     with torch.no_grad():
         assert torch.allclose(torchrefit.load(str(out))(x), b(x), atol=1e-5)
@@ -122,7 +132,7 @@ def test_compile_finds_factories_in_the_current_directory(tmp_path) -> None:
         "import torch\n\ndef make_model():\n    return torch.nn.Linear(4, 4)\n"
     )
     out = tmp_path / "m.trf"
-    env = {"PATH": "/usr/bin:/bin"}
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(SOURCE)}  # not the current directory
     script = Path(sys.executable).parent / "torchrefit"  # the console script: no `-m` path magic
     if not script.exists():
         pytest.skip("the torchrefit console script is not installed beside this Python")
@@ -146,3 +156,62 @@ def test_compile_finds_factories_in_the_current_directory(tmp_path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert out.exists()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_on_a_terminal_shows_stages_and_engines(monkeypatch, tmp_path) -> None:
+    from torchrefit import cli
+
+    err, out = _Terminal(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(sys, "stdout", out)
+    code = cli.main(
+        [
+            "compile",
+            "models:MLP",
+            "--input",
+            "4,16",
+            "--set",
+            "backend=eager",
+            "-o",
+            str(tmp_path / "p.trf"),
+        ]
+    )
+    assert code == 0, err.getvalue()
+    shown = err.getvalue()
+    for stage in ("importing models:MLP", "compiling models:MLP", "engines 1/1", "built _engine_0"):
+        assert stage in shown, shown
+    assert shown.endswith("\r\033[K")  # cleared: what follows starts on a clean line
+    assert "compiled models:MLP into 1 engine(s)" in out.getvalue()
+    assert "bytes" in out.getvalue() or "MB" in out.getvalue()
+
+
+def test_verify_refuses_an_output_that_computes_otherwise(monkeypatch, saved, tmp_path) -> None:
+    """The reloaded file is run against the refitted module: a file that loads wrong is
+    never written."""
+    from safetensors.torch import save_file
+
+    from torchrefit import cli
+
+    _, path = saved
+    save_file(randomize(MLP(), 2).state_dict(), str(tmp_path / "c.safetensors"))
+
+    def corrupted_load(p: str):
+        module = torchrefit.load(p)
+        module._torchrefit.store["fc3.bias"].add_(1.0)
+        return module
+
+    loads = iter([torchrefit.load, corrupted_load])  # the input file, then the scratch copy
+    monkeypatch.setattr(cli, "load", lambda p: next(loads)(p))
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    out = tmp_path / "c.trf"
+    code = cli.main(
+        ["refit", str(path), str(tmp_path / "c.safetensors"), "-o", str(out), "--verify"]
+    )
+    assert code == 1 and "does not compute what the refitted module does" in err.getvalue()
+    assert not out.exists() and not list(tmp_path.glob(".torchrefit-*"))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -82,3 +83,45 @@ def test_a_torch_device_setting_compiles(monkeypatch) -> None:
     x = torch.randn(2, 4)
     compiled = torchrefit.compile(model, (x,), backend="eager", device=torch.device("cpu"))
     assert torch.allclose(compiled(x), model(x))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"backend": None}, "backend"),
+        ({"min_block_size": True}, "min_block_size"),
+        ({"min_block_size": 2.0}, "min_block_size"),
+        ({"torch_executed_ops": 5}, "torch_executed_ops"),
+        ({"torch_executed_ops": ["aten.no_such_op"]}, "torch_executed_ops"),
+        ({"inductor_options": {"max_autotune": object()}}, r"inductor_options\['max_autotune'\]"),
+        ({"inductor_options": {"max_autotun": True}}, "inductor_options"),
+        ({"inductor_options": [(3, True)]}, "inductor_options"),
+        ({"dtype": torch.float64}, "dtype"),
+        ({"cache_max_bytes": 2**40 + 0.5}, "cache_max_bytes"),
+        ({"fold_batch_norm": None}, "fold_batch_norm"),
+    ],
+)
+def test_each_field_is_checked_naming_field_and_value(overrides: dict, field: str) -> None:
+    with pytest.raises(torchrefit.SettingsError, match=f"Settings.{field}") as caught:
+        torchrefit.compile(torch.nn.Linear(2, 2), (torch.randn(1, 2),), **overrides)
+    assert "expected" in str(caught.value)
+
+
+def test_torch_objects_are_normalized_to_the_strings_files_hold() -> None:
+    by_objects = Settings(
+        device=torch.device("cpu"),
+        dtype=torch.bfloat16,
+        torch_executed_ops=torch.ops.aten.addmm.default,  # one op, not in a set
+        inductor_options={"fallback_random": True, "max_autotune_gemm_backends": "ATEN"},
+    )
+    by_strings = Settings(
+        device="cpu",
+        dtype="torch.bfloat16",
+        torch_executed_ops=["aten.addmm.default"],
+        inductor_options=[("max_autotune_gemm_backends", "ATEN"), ("fallback_random", True)],
+    )
+    assert by_objects == by_strings
+    assert by_objects.dtype == "bfloat16" and by_objects.torch_executed_ops == {
+        "aten.addmm.default"
+    }
+    assert Settings.from_json(json.loads(json.dumps(by_objects.to_json()))) == by_objects

@@ -12,12 +12,21 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
 
+from .calls import program_signature
 from .engine.base import Backend
 from .errors import UnsupportedGraphError, WeightValueError
 from .export import source_tensors, tied_aliases, weight_specs
 from .fingerprint import describe, fingerprint, source_structure
 from .lower import Lineage, LoweredProgram
-from .module import CompiledModule, Engine, Fallback, InputGuard, RefitState, make_fallback
+from .module import (
+    CompiledModule,
+    DynamicDim,
+    Engine,
+    Fallback,
+    InputGuard,
+    RefitState,
+    make_fallback,
+)
 from .partition import ENGINE, Partitioned
 from .settings import Settings
 from .weights import WeightStore, nonfinite
@@ -270,10 +279,11 @@ def _refit_state(
         store=store,
         in_spec=source.call_spec.in_spec,
         out_spec=source.call_spec.out_spec,
-        guards=[_guard(n) for n in user_inputs],
+        guards=_guards(user_inputs),
         lowered_order=lowered.weight_order(),
         cast_inputs_to=settings.torch_dtype if program is not source else None,
         mutations=_mutations(lowered),
+        signature=program_signature(source),
     )
 
 
@@ -285,12 +295,42 @@ def _mutations(lowered: LoweredProgram) -> list[tuple[str, str]]:
     ]
 
 
-def _guard(node: fx.Node) -> InputGuard:
+def _guards(inputs: list[fx.Node]) -> list[InputGuard]:
+    """One guard per user input; dynamic dimensions with their ranges, their symbols numbered
+    by first appearance (the names torch.export derives from argument names are not kept)."""
+    symbols: dict[str, str] = {}
+    return [_guard(n, symbols) for n in inputs]
+
+
+def _guard(node: fx.Node, symbols: dict[str, str]) -> InputGuard:
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor):
         return InputGuard(None, None, None, val)
     shape = tuple(d if isinstance(d, int) else None for d in val.shape)
-    return InputGuard(val.dtype, val.device, shape, contiguous=_is_contiguous(val))
+    dynamic = {
+        i: _dynamic_dim(d, symbols) for i, d in enumerate(val.shape) if isinstance(d, torch.SymInt)
+    }
+    return InputGuard(val.dtype, val.device, shape, contiguous=_is_contiguous(val), dynamic=dynamic)
+
+
+def _dynamic_dim(size: Any, symbols: dict[str, str]) -> DynamicDim:
+    """A symbolic size's range (from the shape environment), example size and symbol."""
+    node = size.node
+    expr = node.expr
+    bounds = node.shape_env.bound_sympy(expr)
+    symbol = None
+    if expr.is_Symbol:
+        symbol = symbols.setdefault(str(expr), f"d{len(symbols)}")
+    return DynamicDim(symbol, _finite(bounds.lower) or 0, _finite(bounds.upper), int(node.hint))
+
+
+def _finite(bound: Any) -> int | None:
+    """A range bound as an int; None for infinity (torch's int_oo)."""
+    try:
+        value = int(bound)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return value if abs(value) < 2**62 else None
 
 
 def _is_contiguous(val: torch.Tensor) -> bool:

@@ -11,6 +11,7 @@ from torch.export import ExportedProgram
 
 from .build import build, program_device
 from .cache import EngineCache
+from .calls import program_signature, signature_of
 from .engine import get_backend
 from .export import TRACING, engine_program, export_model
 from .fingerprint import dynamic_ranges, source_fingerprint
@@ -48,7 +49,7 @@ def _compile(
     cache = EngineCache.open(settings, key, _target_device(source, settings))
     cached = cache.load(weights=source) if cache is not None else None
     if cached is not None:
-        return cached
+        return _with_signature(cached, model, source)
     program = engine_program(source, model, arg_inputs, kwarg_inputs, settings)
     lowered = lower(program, LoweringContext(settings))
     backend = get_backend(settings.backend, dict(settings.inductor_options))
@@ -61,6 +62,16 @@ def _compile(
     )
     if cache is not None:
         cache.store(compiled)
+    return _with_signature(compiled, model, source)
+
+
+def _with_signature(
+    compiled: CompiledModule, model: torch.nn.Module | ExportedProgram, source: ExportedProgram
+) -> CompiledModule:
+    """Calls bind as `model.forward` binds them (defaults included), or as the program
+    records its arguments; a cached engine may come from a model that named them otherwise."""
+    forward = signature_of(model.forward) if isinstance(model, torch.nn.Module) else None
+    compiled._torchrefit.signature = forward or program_signature(source)
     return compiled
 
 

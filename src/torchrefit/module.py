@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from .calls import CallSignature, bind, leaf_names, signature_of_layout, structure_error
 from .concurrency import Guard
 from .cuda_graphs import CudaGraphs
 from .engine.base import Runner
@@ -72,6 +73,36 @@ def make_fallback(graph: fx.Graph, constant_keys: list[str]) -> Fallback:
     return fallback
 
 
+@dataclass(frozen=True)
+class DynamicDim:
+    """A dimension exported with torch.export.Dim: the sizes it accepts, the example's size,
+    and its symbol (dimensions of one symbol must be equal)."""
+
+    symbol: str | None  # "d0", numbered by first appearance; None for an expression of symbols
+    min: int
+    max: int | None  # None: unbounded
+    example: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"symbol": self.symbol, "min": self.min, "max": self.max, "example": self.example}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DynamicDim:
+        bound = data["max"]
+        return cls(
+            data["symbol"],
+            int(data["min"]),
+            None if bound is None else int(bound),
+            int(data["example"]),
+        )
+
+    def accepts(self, size: int) -> bool:
+        return self.min <= size and (self.max is None or size <= self.max)
+
+    def range_text(self) -> str:
+        return f"{self.min} to {self.max}" if self.max is not None else f"{self.min} or more"
+
+
 @dataclass
 class InputGuard:
     """What one flat input must be: a tensor like the example (None for a dynamic
@@ -82,6 +113,7 @@ class InputGuard:
     shape: tuple[int | None, ...] | None
     value: Any = None
     contiguous: bool = True  # the example was: other layouts are made contiguous
+    dynamic: dict[int, DynamicDim] = field(default_factory=dict)  # dimension -> its range
 
     def to_json(self) -> list[Any]:
         if self.dtype is None:
@@ -91,6 +123,7 @@ class InputGuard:
             str(self.device),
             list(self.shape or ()),
             self.contiguous,
+            {str(d): dim.to_json() for d, dim in self.dynamic.items()},
         ]
 
     @classmethod
@@ -98,9 +131,20 @@ class InputGuard:
         if data[0] == "value":
             return cls(None, None, None, data[1])
         contiguous = data[3] if len(data) > 3 else True
+        dynamic = {
+            int(d): DynamicDim.from_json(v) for d, v in (data[4] if len(data) > 4 else {}).items()
+        }
         return cls(
-            getattr(torch, data[0]), torch.device(data[1]), tuple(data[2]), contiguous=contiguous
+            getattr(torch, data[0]),
+            torch.device(data[1]),
+            tuple(data[2]),
+            contiguous=contiguous,
+            dynamic=dynamic,
         )
+
+    def example_size(self) -> list[int]:
+        """The example's shape: each dynamic dimension at its example size."""
+        return [self.dynamic[d].example if e is None else e for d, e in enumerate(self.shape or ())]
 
 
 @dataclass
@@ -129,6 +173,20 @@ class RefitState:
     standby: WeightStore | None = None  # double_buffer: the bank refits write into, then flip to
     stale: set[str] = field(default_factory=set)  # standby constants behind the active ones
     mutations: list[tuple[str, str]] = field(default_factory=list)  # state writes (first outputs)
+    signature: CallSignature | None = None  # forward's, to bind calls; None: the layout's own
+
+    def call_signature(self) -> CallSignature:
+        """How calls bind: the forward's signature, or (a file from before it was recorded)
+        the compiled layout's positions and keywords."""
+        return self.signature or signature_of_layout(self.in_spec, None)
+
+    def input_names(self) -> list[str]:
+        """A name per flat input (`input_ids`, `inputs['mask']`), for errors; cached."""
+        cached = self.__dict__.get("_input_names")
+        if cached is None or cached[0] is not self.signature:
+            names = leaf_names(self.call_signature(), self.in_spec)
+            cached = self.__dict__["_input_names"] = (self.signature, names)
+        return cached[1]
 
 
 class CompiledModule(fx.GraphModule):
@@ -145,11 +203,13 @@ class CompiledModule(fx.GraphModule):
                 "torchrefit.load(path, weights=...) or refit_module_weights(module, weights, "
                 "in_place=True)."
             )
-        given = _flatten(args, kwargs, state.in_spec)
+        given = _flatten(args, kwargs, state)
+        names = state.input_names()
         flat = [
-            _guard(i, x, g, state.cast_inputs_to)
-            for i, (x, g) in enumerate(zip(given, state.guards, strict=True))
+            _guard(name, x, g, state.cast_inputs_to)
+            for name, x, g in zip(names, given, state.guards, strict=True)
         ]
+        _check_equal_dims(flat, state.guards, names)
         with state.guard.reading(state.store.device):  # one complete weight set per call
             store = state.store
             if state.settings.cuda_graphs and _all_cuda(flat):
@@ -252,58 +312,102 @@ def _all_cuda(flat: list[Any]) -> bool:
     return bool(tensors) and all(x.is_cuda for x in tensors)
 
 
-def _flatten(args: tuple[Any, ...], kwargs: dict[str, Any], in_spec: pytree.TreeSpec) -> list[Any]:
-    """The flat inputs, refusing any call whose structure differs from the compiled one."""
-    expected_kwargs = in_spec.child(1).context if in_spec.num_children == 2 else []
-    if set(kwargs) <= set(expected_kwargs):
-        kwargs = {k: kwargs[k] for k in expected_kwargs if k in kwargs}
+def _flatten(args: tuple[Any, ...], kwargs: dict[str, Any], state: RefitState) -> list[Any]:
+    """The flat inputs of a call bound as the forward binds it (a keyword for a positional
+    example, a default left out), refusing a call the compiled layout cannot take."""
+    signature = state.call_signature()
+    args, kwargs = bind(signature, state.in_spec, args, kwargs)
     flat, spec = pytree.tree_flatten((args, kwargs))
-    if spec != in_spec:
-        raise InputError(
-            f"The compiled module takes inputs structured as {in_spec}; got {spec}. Pass the "
-            "same positional and keyword arguments as the example inputs (compile again for "
-            "another call signature)."
-        )
+    if spec != state.in_spec:
+        raise structure_error(signature, state.in_spec, args, kwargs)
     return flat
 
 
-def _guard(i: int, x: Any, guard: InputGuard | None, cast_to: torch.dtype | None) -> Any:
+def _guard(name: str, x: Any, guard: InputGuard | None, cast_to: torch.dtype | None) -> Any:
     if guard is None:
         return x
     if guard.dtype is None:
         if isinstance(x, torch.Tensor) or (x is not guard.value and x != guard.value):
             raise InputError(
-                f"Input {i} is {x!r}; the program was compiled for the value {guard.value!r}, "
-                "which it specialized on. Compile again for another value."
+                f"Argument {name!r} is {_shown(x)}; the program was compiled for the value "
+                f"{guard.value!r}, which it specialized on. Compile again for another value."
             )
         return x
     if not isinstance(x, torch.Tensor):
+        left_out = " (left out, it takes its default)" if x is None else ""
         raise InputError(
-            f"Input {i} is a {type(x).__name__}; the compiled module expects a tensor."
+            f"Argument {name!r} is {_shown(x)}{left_out}; the compiled module expects a tensor "
+            f"of {_expected(guard)}: pass one."
         )
     if x.dtype != guard.dtype:
         if cast_to is not None and x.is_floating_point() and guard.dtype == cast_to:
             x = x.to(cast_to)
         else:
             raise InputError(
-                f"Input {i} has dtype {x.dtype}; the compiled module expects {guard.dtype}. "
-                f"Pass x.to({guard.dtype})."
+                f"Argument {name!r} has dtype {x.dtype}; the compiled module expects "
+                f"{guard.dtype}. Pass {name}.to({guard.dtype})."
             )
     if x.device != guard.device:
         raise InputError(
-            f"Input {i} is on {x.device}; the compiled module runs on {guard.device}. "
-            f"Pass x.to('{guard.device}')."
+            f"Argument {name!r} is on {x.device}; the compiled module runs on {guard.device}. "
+            f"Pass {name}.to('{guard.device}')."
         )
+    _check_shape(name, x, guard)
+    return x.contiguous() if guard.contiguous else x
+
+
+def _check_shape(name: str, x: torch.Tensor, guard: InputGuard) -> None:
     shape = guard.shape or ()
     if x.dim() != len(shape) or any(
         e is not None and e != d for e, d in zip(shape, x.shape, strict=True)
     ):
-        expected = ["*" if e is None else e for e in shape]
         raise InputError(
-            f"Input {i} has shape {list(x.shape)}; the compiled module expects {expected} "
-            "(* marks a dynamic dimension). Export with torch.export.Dim for other sizes."
+            f"Argument {name!r} has shape {list(x.shape)}; the compiled module expects "
+            f"{_expected(guard)}. Export with torch.export.Dim for other sizes."
         )
-    return x.contiguous() if guard.contiguous else x
+    for d, dim in guard.dynamic.items():
+        if not dim.accepts(x.shape[d]):
+            raise InputError(
+                f"Argument {name!r} has size {x.shape[d]} in dimension {d}; the compiled module "
+                f"accepts {dim.range_text()} there (the range of its torch.export.Dim). "
+                "Export with a Dim whose range holds this size."
+            )
+
+
+def _check_equal_dims(flat: list[Any], guards: list[InputGuard], names: list[str]) -> None:
+    """Dimensions exported with one Dim must agree, as the engines assume."""
+    seen: dict[str, tuple[int, str, int]] = {}
+    for x, guard, name in zip(flat, guards, names, strict=True):
+        for d, dim in guard.dynamic.items():
+            if dim.symbol is None:
+                continue
+            first = seen.setdefault(dim.symbol, (x.shape[d], name, d))
+            if first[0] != x.shape[d]:
+                raise InputError(
+                    f"Argument {name!r} has size {x.shape[d]} in dimension {d}, and argument "
+                    f"{first[1]!r} size {first[0]} in dimension {first[2]}; the module was "
+                    "exported with one torch.export.Dim for both, so they must be equal."
+                )
+
+
+def _expected(guard: InputGuard) -> str:
+    """`float32[1..64, 128]`: a dynamic dimension as its range."""
+    dims = []
+    for d, e in enumerate(guard.shape or ()):
+        dim = guard.dynamic.get(d)
+        if e is not None:
+            dims.append(str(e))
+        else:
+            dims.append("*" if dim is None else f"{dim.min}..{'' if dim.max is None else dim.max}")
+    return f"{str(guard.dtype).removeprefix('torch.')}[{', '.join(dims)}]"
+
+
+def _shown(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor {str(x.dtype).removeprefix('torch.')}{list(x.shape)}"
+    return (
+        f"{x!r}" if isinstance(x, (bool, int, float, str, type(None))) else f"a {type(x).__name__}"
+    )
 
 
 def _owned(value: Any, store: WeightStore) -> Any:

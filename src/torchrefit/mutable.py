@@ -11,6 +11,7 @@ computed with stale weights.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import warnings
@@ -106,6 +107,7 @@ class MutableModule(torch.nn.Module):
     # -- calls ------------------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = self._normalized(args, kwargs)
         key, compiled = self._ready(args, kwargs)
         try:
             return compiled(*args, **kwargs)
@@ -113,6 +115,28 @@ class MutableModule(torch.nn.Module):
             with self._lock:
                 compiled = self._compile(key, args, kwargs, str(exc))
             return compiled(*args, **kwargs)
+
+    def _normalized(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The call bound to the model's forward, each argument positional where it can be:
+        `m(x)` and `m(x=x)` are one call, one compiled variant."""
+        forward = self.model.forward
+        function = getattr(forward, "__func__", forward)
+        cached = self.__dict__.get("_forward_signature")
+        if cached is None or cached[0] is not function:
+            try:
+                signature: inspect.Signature | None = inspect.signature(forward)
+            except (TypeError, ValueError):
+                signature = None
+            cached = self.__dict__["_forward_signature"] = (function, signature)
+        if cached[1] is None:
+            return args, kwargs
+        try:
+            bound = cached[1].bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InputError(
+                f"The call does not fit {type(self.model).__name__}.forward{cached[1]}: {exc}."
+            ) from None
+        return bound.args, bound.kwargs
 
     def _ready(self, args: tuple, kwargs: dict) -> tuple[tuple, CompiledModule]:
         """The variant for this call, compiled or refitted as needed; one thread at a time

@@ -24,6 +24,7 @@ import torch.utils._pytree as pytree
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from .calls import CallSignature
 from .engine import get_backend
 from .errors import SerializationError
 from .export import WeightSpec, dtype_name, parse_dtype
@@ -385,6 +386,7 @@ def _state_to_json(state: RefitState) -> dict[str, Any]:
         "output_constants": state.output_constants,
         "inf_allowed": sorted(state.inf_allowed),
         "mutations": [list(m) for m in state.mutations],
+        "signature": None if state.signature is None else state.signature.to_json(),
     }
 
 
@@ -421,6 +423,9 @@ def _state_from_json(
         output_constants=dict(data.get("output_constants", {})),
         inf_allowed=set(data.get("inf_allowed", [])),
         mutations=[(str(k), str(t)) for k, t in data.get("mutations", [])],
+        signature=None
+        if data.get("signature") is None
+        else CallSignature.from_json(data["signature"]),
     )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,21 +80,26 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
+        """Every field checked and normalized here, before any compile: a wrong value is a
+        SettingsError naming the field, the value and what is expected."""
+        if not isinstance(self.backend, str) or self.backend not in BACKENDS:
             raise SettingsError(
                 f"Settings.backend is {self.backend!r}; expected one of {BACKENDS}."
             )
         object.__setattr__(self, "dtype", _dtype_name(self.dtype))
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise SettingsError(
-                f"Settings.dtype is {self.dtype!r}; expected one of {sorted(_DTYPES)} or None."
+                f"Settings.dtype is {self.dtype!r}; expected one of {sorted(_DTYPES)}, the "
+                "torch dtype itself, or None."
             )
-        if not isinstance(self.min_block_size, int) or self.min_block_size < 1:
+        if _not_int(self.min_block_size) or self.min_block_size < 1:
             raise SettingsError(
                 f"Settings.min_block_size is {self.min_block_size!r}; expected an int >= 1."
             )
         object.__setattr__(self, "torch_executed_ops", _op_names(self.torch_executed_ops))
         object.__setattr__(self, "inductor_options", _options(self.inductor_options))
+        if self.backend == "inductor" and self.inductor_options:
+            _check_inductor_names(self.inductor_options)
         object.__setattr__(self, "device", _device_name(self.device))
         if self.cache_dir is not None:
             if not isinstance(self.cache_dir, (str, os.PathLike)):
@@ -105,11 +112,7 @@ class Settings:
                 raise SettingsError(
                     f"Settings.{name} is {getattr(self, name)!r}; expected True or False."
                 )
-        if (
-            isinstance(self.cache_max_bytes, bool)
-            or not isinstance(self.cache_max_bytes, int)
-            or self.cache_max_bytes <= 0
-        ):
+        if _not_int(self.cache_max_bytes) or self.cache_max_bytes <= 0:
             raise SettingsError(
                 f"Settings.cache_max_bytes is {self.cache_max_bytes!r}; expected a positive int "
                 "(bytes)."
@@ -165,7 +168,12 @@ def _device_name(device: Any) -> str | None:
         ) from exc
 
 
+def _not_int(value: Any) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int)
+
+
 def _options(options: Any) -> tuple[tuple[str, Any], ...]:
+    """(name, value) pairs, sorted; each value JSON data, as the fingerprint records it."""
     try:
         pairs = dict(options)
     except (TypeError, ValueError) as exc:
@@ -174,29 +182,66 @@ def _options(options: Any) -> tuple[tuple[str, Any], ...]:
         ) from exc
     bad = [k for k in pairs if not isinstance(k, str)]
     if bad:
-        raise SettingsError(f"Settings.inductor_options names {bad[:3]}; option names are strings.")
-    return tuple(sorted(pairs.items()))
+        raise SettingsError(
+            f"Settings.inductor_options names {bad[:3]}; expected option names as strings, e.g. "
+            '("max_autotune", True).'
+        )
+    for name, value in pairs.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            raise SettingsError(
+                f"Settings.inductor_options[{name!r}] is {value!r}; expected a JSON value "
+                "(a bool, number, string, list or dict), which the fingerprint records."
+            ) from exc
+    return tuple(sorted((k, _frozen(v)) for k, v in pairs.items()))
+
+
+def _frozen(value: Any) -> Any:
+    """A list option value as a tuple: settings stay hashable."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
+
+
+def _check_inductor_names(options: tuple[tuple[str, Any], ...]) -> None:
+    # Inductor's config takes 2 s to import: only for those who set its options
+    config = importlib.import_module("torch._inductor.config")
+    unknown = [name for name, _ in options if not hasattr(config, name)]
+    if unknown:
+        raise SettingsError(
+            f"Settings.inductor_options names {unknown}, which torch._inductor.config does not "
+            "have; expected option names of torch._inductor.config, e.g. 'max_autotune'."
+        )
 
 
 def _dtype_name(dtype: Any) -> str | None:
-    if dtype is None or isinstance(dtype, str):
-        return dtype
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        return dtype.removeprefix("torch.")
     for name, value in _DTYPES.items():
         if value == dtype:
             return name
-    raise SettingsError(f"Settings.dtype is {dtype}; expected one of {sorted(_DTYPES)} or None.")
+    raise SettingsError(
+        f"Settings.dtype is {dtype!r}; expected one of {sorted(_DTYPES)}, the torch dtype "
+        "itself, or None."
+    )
 
 
 def _op_names(ops: Any) -> frozenset[str]:
-    if isinstance(ops, str):
+    if isinstance(ops, (str, torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         ops = [ops]
+    if not isinstance(ops, (list, tuple, set, frozenset)):
+        raise SettingsError(
+            f"Settings.torch_executed_ops is {ops!r}; expected a set of op names such as "
+            '{"torch.ops.aten.convolution.default"} or op overloads.'
+        )
     names = set()
     for op in ops:
         name = (op if isinstance(op, str) else _overload_name(op)).removeprefix("torch.ops.")
         if not _resolves(name):
             raise SettingsError(
-                f"torch_executed_ops names {name!r}, which is no op; expected a name such as "
-                '"torch.ops.aten.convolution.default" or "aten.convolution".'
+                f"Settings.torch_executed_ops names {name!r}, which is no op; expected a name "
+                'such as "torch.ops.aten.convolution.default" or "aten.convolution".'
             )
         names.add(name)
     return frozenset(names)
@@ -219,7 +264,7 @@ def _overload_name(op: Any) -> str:
     if isinstance(op, torch._ops.OpOverloadPacket):
         return f"{op._qualified_op_name.replace('::', '.')}"
     raise SettingsError(
-        f"torch_executed_ops holds {op!r}; expected an op name such as "
+        f"Settings.torch_executed_ops holds {op!r}; expected an op name such as "
         '"torch.ops.aten.convolution.default" or an op overload.'
     )
 

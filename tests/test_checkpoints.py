@@ -203,8 +203,8 @@ def test_a_dtype_torch_lacks_is_refused_by_name_unless_dropped(mlp, tmp_path) ->
 
 
 class Float8Linear(nn.Module):
-    """Weights shipped in a float8 (or e8m0 scale) format with a float32 bias and a uint16
-    offset buffer: the checkpoint holds the float8 bytes as they are."""
+    """A float8 (or e8m0) weight that the model casts itself (`w.to(x.dtype)`: the refit reads
+    it whole for the weight program), a float32 bias and a uint16 buffer."""
 
     def __init__(self, dtype: torch.dtype = torch.float8_e4m3fn, seed: int = 0) -> None:
         super().__init__()
@@ -240,8 +240,8 @@ def _f8_file(path: str, model: nn.Module) -> str:
     ids=["float8", "float32", "bfloat16"],
 )
 def test_a_float8_weight_refits_into_a_wider_engine(tmp_path, monkeypatch, settings: dict) -> None:
-    """float8 bytes streamed (in many chunks) into a float32 or bfloat16 engine buffer, or
-    read by the weight program that casts them; a uint16 buffer alongside."""
+    """float8 bytes read for the weight program that casts them, into a float8, float32 or
+    bfloat16 engine; a uint16 buffer alongside."""
     monkeypatch.setattr(files, "CHUNK_BYTES", 1000)
     a, b = Float8Linear(seed=0).eval(), Float8Linear(seed=1).eval()
     x = (torch.randn(3, 64),)
@@ -263,7 +263,7 @@ def test_a_float8_weight_refits_into_a_wider_engine(tmp_path, monkeypatch, setti
 def test_a_float8_e8m0_weight_that_overflows_float16_is_refused_before_writing(
     tmp_path, monkeypatch
 ) -> None:
-    """e8m0 reaches 2**127: the overflow pass must upcast it to find its peak."""
+    """e8m0 reaches 2**127: the message's peak is found by upcasting (weight read whole)."""
     monkeypatch.setattr(files, "CHUNK_BYTES", 1000)
     a = Float8Linear(torch.float8_e8m0fnu, seed=0).eval()
     compiled = torchrefit.compile(a, (torch.randn(3, 64),), backend="eager", dtype="float16")
@@ -283,6 +283,63 @@ def test_a_float8_e8m0_weight_that_overflows_float16_is_refused_before_writing(
     assert torch.equal(compiled(*x), before)
 
 
+class Float8Table(nn.Module):
+    """An embedding table shipped in float8: an engine of a wider dtype holds it cast, and a
+    refit streams the float8 bytes into that buffer in chunks."""
+
+    def __init__(self, dtype: torch.dtype, seed: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.w = nn.Parameter(torch.rand(128, 16, generator=gen).to(dtype), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.w)
+
+
+def _table_file(path: str, model: nn.Module) -> str:
+    code = {torch.float8_e4m3fn: "F8_E4M3", torch.float8_e8m0fnu: "F8_E8M0"}[model.w.dtype]
+    return write_raw(path, {"w": (code, list(model.w.shape), _bytes(model.w))})
+
+
+def _table_ids() -> tuple[torch.Tensor]:
+    return (torch.randint(0, 128, (2, 6)),)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_a_float8_file_streams_into_a_wider_engine(tmp_path, monkeypatch, dtype) -> None:
+    monkeypatch.setattr(files, "CHUNK_BYTES", 100)  # 21 chunks for 2 KB
+    a, b = Float8Table(torch.float8_e4m3fn, 0).eval(), Float8Table(torch.float8_e4m3fn, 1).eval()
+    compiled = torchrefit.compile(a, _table_ids(), backend="eager", dtype=str(dtype)[6:])
+    assert "w" not in compiled._torchrefit.weight_program.inputs  # streamed, not read whole
+    path = _table_file(str(tmp_path / "b.safetensors"), b)
+    refitted = torchrefit.refit_module_weights(compiled, path)
+    ids = _table_ids()
+    assert_matches(refitted(*ids), run_eager(copy.deepcopy(b).to(dtype), *ids))
+    assert_differs(refitted(*ids), run_eager(copy.deepcopy(a).to(dtype), *ids))
+
+
+def test_a_streamed_e8m0_weight_that_overflows_float16_is_refused_before_writing(
+    tmp_path, monkeypatch
+) -> None:
+    """The reading pass over streamed weights upcasts each e8m0 chunk to find its peak
+    (torch has no abs or max for float8)."""
+    monkeypatch.setattr(files, "CHUNK_BYTES", 100)
+    a = Float8Table(torch.float8_e8m0fnu, 0).eval()
+    b = Float8Table(torch.float8_e8m0fnu, 1).eval()
+    compiled = torchrefit.compile(a, _table_ids(), backend="eager", dtype="float16")
+    path = _table_file(str(tmp_path / "b.safetensors"), b)
+    torchrefit.refit_module_weights(compiled, path, in_place=True)
+    ids = _table_ids()
+    assert_matches(compiled(*ids), run_eager(copy.deepcopy(b).half(), *ids))
+    before = compiled(*ids)
+    with torch.no_grad():
+        b.w[-1, -1] = 2.0**20  # beyond float16's 65504, in the last chunk
+    big = _table_file(str(tmp_path / "big.safetensors"), b)
+    with pytest.raises(torchrefit.WeightValueError, match=r"'w'.*1\.049e\+06"):
+        torchrefit.refit_module_weights(compiled, big, in_place=True)
+    assert torch.equal(compiled(*ids), before)
+
+
 class ComplexBuffer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -293,6 +350,7 @@ class ComplexBuffer(nn.Module):
         return x + self.b + self.z.real
 
 
+@pytest.mark.filterwarnings("ignore:Casting complex values to real")  # compile's own cast
 def test_a_weight_that_cannot_be_cast_into_the_engine_dtype_is_refused_by_name(tmp_path) -> None:
     """A float16 engine holds the complex buffer as float16: a complex file weight would lose
     its imaginary part."""
@@ -341,16 +399,23 @@ def test_chunked_copy_streams_every_dtype_into_its_buffer(
     assert torch.equal(dst.view(torch.uint8), values.to(target).view(torch.uint8))
 
 
-def test_peak_magnitude_of_float8_chunks(tmp_path, monkeypatch) -> None:
+_CODES = {
+    torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fnuz: "F8_E4M3FNUZ",
+    torch.float8_e8m0fnu: "F8_E8M0",
+    torch.float32: "F32",
+}
+
+
+@pytest.mark.parametrize("dtype", list(_CODES), ids=str)
+def test_peak_magnitude_of_float8_chunks(tmp_path, monkeypatch, dtype) -> None:
     monkeypatch.setattr(files, "CHUNK_BYTES", 16)
-    values = torch.randn(100).to(torch.float8_e5m2)
-    path = str(tmp_path / "p.safetensors")
-    save_file({"t": values}, path)
+    values = (torch.randn(100) * 10).to(dtype)
+    entries = {"t": (_CODES[dtype], [100], _bytes(values))}
+    path = write_raw(str(tmp_path / "p.safetensors"), entries)
     scratch = torch.empty(files.buffer_bytes(), dtype=torch.uint8)
-    assert (
-        files.peak_magnitude(files.index_safetensors(path)["t"], scratch)
-        == values.float().abs().max().item()
-    )
+    peak = files.peak_magnitude(files.index_safetensors(path)["t"], scratch)
+    assert peak == values.float().abs().max().item()
 
 
 # -- malformed headers: refused typed, naming the file, as the safetensors library does --

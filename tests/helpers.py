@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,3 +38,32 @@ def assert_differs(actual: Any, expected: Any) -> None:
     assert any(relative_error(a, e) > 1e-2 for a, e in zip(got, want, strict=True)), (
         "outputs did not change"
     )
+
+
+def members_of(src: Path) -> dict[str, bytes]:
+    """Every member of a zip file, by name."""
+    with zipfile.ZipFile(src) as archive:
+        return {info.filename: archive.read(info.filename) for info in archive.infolist()}
+
+
+def write_members(dst: Path, members: dict[str, bytes], checksums: bool = True) -> None:
+    """A zip of `members`. `checksums`: recompute checksums.json as a hostile author would,
+    so the checks behind the checksums are what a test reaches."""
+    members = dict(members)
+    if checksums and "checksums.json" in members:
+        sums = {
+            n: hashlib.sha256(d).hexdigest() for n, d in members.items() if n != "checksums.json"
+        }
+        members["checksums.json"] = json.dumps(sums).encode()
+    with zipfile.ZipFile(dst, "w") as new:
+        for name, data in members.items():
+            new.writestr(name, data)
+
+
+def rewrite_zip(
+    src: Path, dst: Path, change: Callable[[str, bytes], bytes | None], checksums: bool = True
+) -> None:
+    """Copy the zip `src` to `dst`, passing every member's bytes through `change` (None drops
+    it)."""
+    changed = {name: change(name, data) for name, data in members_of(src).items()}
+    write_members(dst, {n: d for n, d in changed.items() if d is not None}, checksums)

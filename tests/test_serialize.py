@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import zipfile
 from collections.abc import Callable
@@ -21,7 +20,7 @@ import torchrefit
 from torchrefit import CompiledModule, SerializationError
 
 import models
-from helpers import assert_differs, assert_matches, run_eager
+from helpers import assert_differs, assert_matches, rewrite_zip, run_eager
 
 
 def leaves(output: Any) -> list[torch.Tensor]:
@@ -40,28 +39,6 @@ def saved_and_loaded(module: CompiledModule, path: Path) -> CompiledModule:
     loaded = torchrefit.load(str(path))
     assert isinstance(loaded, CompiledModule)
     return loaded
-
-
-def rewrite_zip(
-    src: Path, dst: Path, change: Callable[[str, bytes], bytes | None], checksums: bool = True
-) -> None:
-    """Copy the zip `src` to `dst`, passing every member's bytes through `change` (None drops
-    it). `checksums`: recompute checksums.json as a hostile author would, so the checks
-    behind the checksums are what the test reaches."""
-    members: dict[str, bytes] = {}
-    with zipfile.ZipFile(src) as old:
-        for info in old.infolist():
-            data = change(info.filename, old.read(info.filename))
-            if data is not None:
-                members[info.filename] = data
-    if checksums and "checksums.json" in members:
-        sums = {
-            n: hashlib.sha256(d).hexdigest() for n, d in members.items() if n != "checksums.json"
-        }
-        members["checksums.json"] = json.dumps(sums).encode()
-    with zipfile.ZipFile(dst, "w") as new:
-        for name, data in members.items():
-            new.writestr(name, data)
 
 
 def _images() -> tuple[torch.Tensor, ...]:

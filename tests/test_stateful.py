@@ -107,7 +107,7 @@ def test_batch_norm_in_training_mode_is_refused_at_compile_time() -> None:
     assert_matches(compiled(x), model(x))
 
 
-def test_a_transformers_cache_output_gets_advice_that_works() -> None:
+def _tiny_gpt2() -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
@@ -119,7 +119,11 @@ def test_a_transformers_cache_output_gets_advice_that_works() -> None:
         bos_token_id=0,
         eos_token_id=0,
     )
-    model = GPT2LMHeadModel(config).eval()
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_a_transformers_cache_output_gets_advice_that_works() -> None:
+    model = _tiny_gpt2()
     ids = torch.randint(0, 64, (2, 8))
     with pytest.raises(torchrefit.ExportError, match="use_cache"):
         torchrefit.compile(model, (ids,), backend="eager")
@@ -130,17 +134,6 @@ def test_a_transformers_cache_output_gets_advice_that_works() -> None:
 
 
 def test_mutable_generate_says_it_runs_uncompiled() -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(
-        n_layer=1,
-        n_embd=32,
-        n_head=2,
-        vocab_size=64,
-        n_positions=16,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    mutable = torchrefit.MutableModule(GPT2LMHeadModel(config).eval(), backend="eager")
+    mutable = torchrefit.MutableModule(_tiny_gpt2(), backend="eager")
     with pytest.warns(UserWarning, match="uncompiled"):
         assert callable(mutable.generate)

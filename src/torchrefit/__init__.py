@@ -3,6 +3,7 @@
 from . import distributed  # noqa: E402 - torchrefit.distributed.WeightSync
 from .api import load, save
 from .compile import compile
+from .decoder import compile_lm
 from .errors import (
     ExportError,
     ImmutableWeightsError,
@@ -22,6 +23,7 @@ from .errors import (
     WeightSyncError,
     WeightValueError,
 )
+from .lm import CompiledLM
 from .module import CompiledModule, Engine, Fallback
 from .mutable import MutableModule
 from .refit import refit_module_weights
@@ -31,6 +33,7 @@ from .settings import Settings
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompiledLM",
     "CompiledModule",
     "Engine",
     "ExportError",
@@ -55,6 +58,7 @@ __all__ = [
     "WeightValueError",
     "WeightsNotLoadedError",
     "compile",
+    "compile_lm",
     "distributed",
     "load",
     "refit_module_weights",

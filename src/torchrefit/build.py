@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -279,7 +280,7 @@ def _refit_state(
         store=store,
         in_spec=source.call_spec.in_spec,
         out_spec=source.call_spec.out_spec,
-        guards=_guards(user_inputs),
+        guards=_guards(user_inputs, _user_inputs(source), dict(source.range_constraints)),
         lowered_order=lowered.weight_order(),
         cast_inputs_to=settings.torch_dtype if program is not source else None,
         mutations=_mutations(lowered),
@@ -295,11 +296,34 @@ def _mutations(lowered: LoweredProgram) -> list[tuple[str, str]]:
     ]
 
 
-def _guards(inputs: list[fx.Node]) -> list[InputGuard]:
+def _guards(
+    inputs: list[fx.Node], exported: list[fx.Node], ranges: dict[Any, Any]
+) -> list[InputGuard]:
     """One guard per user input; dynamic dimensions with their ranges, their symbols numbered
-    by first appearance (the names torch.export derives from argument names are not kept)."""
+    by first appearance (the names torch.export derives from argument names are not kept).
+
+    A range is the exported program's: decomposition traces again with sizes assumed to be
+    at least 2, but the program torch.export made is valid down to the Dim's minimum (a
+    decode step's one token)."""
     symbols: dict[str, str] = {}
-    return [_guard(n, symbols) for n in inputs]
+    guards = [_guard(n, symbols) for n in inputs]
+    if len(exported) != len(guards):
+        return guards
+    for guard, node in zip(guards, exported, strict=True):
+        val = node.meta.get("val")
+        if guard.dynamic and isinstance(val, torch.Tensor) and val.dim() > max(guard.dynamic):
+            for i, dim in guard.dynamic.items():
+                size = val.shape[i]
+                if isinstance(size, torch.SymInt) and size.node.expr in ranges:
+                    low = _finite(ranges[size.node.expr].lower)
+                    if low is not None and low < dim.min:
+                        guard.dynamic[i] = dataclasses.replace(dim, min=low)
+    return guards
+
+
+def _user_inputs(source: ExportedProgram) -> list[fx.Node]:
+    users = {s.arg.name for s in source.graph_signature.input_specs if s.kind.name == "USER_INPUT"}
+    return [n for n in source.graph.nodes if n.op == "placeholder" and n.name in users]
 
 
 def _guard(node: fx.Node, symbols: dict[str, str]) -> InputGuard:

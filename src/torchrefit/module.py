@@ -174,6 +174,7 @@ class RefitState:
     stale: set[str] = field(default_factory=set)  # standby constants behind the active ones
     mutations: list[tuple[str, str]] = field(default_factory=list)  # state writes (first outputs)
     signature: CallSignature | None = None  # forward's, to bind calls; None: the layout's own
+    lm: LMInfo | None = None  # a decoder compiled by compile_lm: its cache and limits
 
     def call_signature(self) -> CallSignature:
         """How calls bind: the forward's signature, or (a file from before it was recorded)
@@ -189,12 +190,43 @@ class RefitState:
         return cached[1]
 
 
+@dataclass(frozen=True)
+class LMInfo:
+    """What a decoder step compiled by `compile_lm` needs beyond the program: the limits of
+    its static KV cache (store keys of the state buffers) and the model's token defaults."""
+
+    max_batch_size: int
+    max_seq_len: int
+    cache_keys: tuple[str, ...]
+    vocab_size: int
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LMInfo:
+        return cls(
+            int(data["max_batch_size"]),
+            int(data["max_seq_len"]),
+            tuple(str(k) for k in data["cache_keys"]),
+            int(data["vocab_size"]),
+            tuple(int(t) for t in data.get("eos_token_id", ())),
+            None if data.get("pad_token_id") is None else int(data["pad_token_id"]),
+        )
+
+
 class CompiledModule(fx.GraphModule):
     """Takes the model's inputs, returns its output structure; refit with refit_module_weights."""
 
     _torchrefit: RefitState
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run(args, kwargs, self._torchrefit.settings.cuda_graphs)
+
+    def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any], graphs: bool) -> Any:
+        """One call; `graphs`: replay it as a CUDA graph (captured once per input shape)."""
         state = self._torchrefit
         if state.unset:
             raise WeightsNotLoadedError(
@@ -212,7 +244,7 @@ class CompiledModule(fx.GraphModule):
         _check_equal_dims(flat, state.guards, names)
         with state.guard.reading(state.store.device):  # one complete weight set per call
             store = state.store
-            if state.settings.cuda_graphs and _all_cuda(flat):
+            if graphs and _all_cuda(flat):
                 outputs = self._graphs(store).run(flat)
             else:
                 outputs = super().__call__(*flat)
@@ -272,7 +304,7 @@ def clone_module(module: CompiledModule, store: WeightStore) -> CompiledModule:
             assert isinstance(child, Fallback)
             copy = make_fallback(_copy_graph(child.graph), child.constant_keys)
         root.add_module(name, copy)
-    compiled = CompiledModule(root, _copy_graph(module.graph))
+    compiled = type(module)(root, _copy_graph(module.graph))  # a CompiledLM stays one
     # its own refit state: what one module's refits mark (unset weights) never shows in another
     compiled._torchrefit = dataclasses.replace(
         module._torchrefit,

@@ -30,8 +30,17 @@ from .errors import SerializationError
 from .export import WeightSpec, dtype_name, parse_dtype
 from .fileio import atomic_write
 from .graph_io import check_name, graph_from_json, graph_to_json
+from .lm import CompiledLM
 from .lower.context import Lineage
-from .module import CompiledModule, Engine, Fallback, InputGuard, RefitState, make_fallback
+from .module import (
+    CompiledModule,
+    Engine,
+    Fallback,
+    InputGuard,
+    LMInfo,
+    RefitState,
+    make_fallback,
+)
 from .settings import BACKENDS, Settings
 from .weights import WeightProgram, WeightStore
 
@@ -53,6 +62,7 @@ def save(module: CompiledModule, path: str, include_weights: bool = True) -> Non
             "it with include_weights=False, or refit it first."
         )
     children, artifacts = _children_to_json(module)
+    scratch = set(state.lm.cache_keys) if state.lm is not None else set()  # a KV cache
     metadata = {
         "format": FORMAT,
         "version": VERSION,
@@ -61,12 +71,13 @@ def save(module: CompiledModule, path: str, include_weights: bool = True) -> Non
         "children": children,
         "state": _state_to_json(state),
         "stripped": sorted(stripped),
+        "scratch": sorted(scratch),
     }
     with state.guard.refit:  # one complete weight set, even while another thread refits
         kept = {
             k: t.detach().to("cpu", copy=True)
             for k, t in state.store.tensors.items()
-            if k not in stripped
+            if k not in stripped and k not in scratch
         }
     weights = save_tensors(kept)
 
@@ -137,7 +148,8 @@ def _load(path: str) -> CompiledModule:
         weights = (
             {} if _all_stripped(metadata, stripped) else _read_weights(archive, path, metadata)
         )
-        state = _state_from_json(metadata["state"], weights, stripped)
+        scratch = set(metadata.get("scratch", []))
+        state = _state_from_json(metadata["state"], weights, stripped, scratch)
         root = torch.nn.Module()
         for attr in state.output_constants:
             root.register_buffer(check_name(attr, "attribute"), torch.empty(0), persistent=False)
@@ -147,7 +159,7 @@ def _load(path: str) -> CompiledModule:
             )
         graph = graph_from_json(metadata["graph"])
     _check_references(graph, root, path)
-    compiled = CompiledModule(root, graph)
+    compiled = (CompiledLM if state.lm is not None else CompiledModule)(root, graph)
     compiled._torchrefit = state
     compiled.bind(state.store)
     return compiled
@@ -221,6 +233,13 @@ def _placeholder(spec: dict[str, Any]) -> torch.Tensor:
     """Room for a stripped weight, not written: the module refuses to run until a refit
     fills it, and untouched host memory costs no physical pages."""
     return torch.empty(
+        _shape(spec), dtype=parse_dtype(spec["dtype"]), device=torch.device(spec["device"])
+    )
+
+
+def _zeros(spec: dict[str, Any]) -> torch.Tensor:
+    """A KV cache as a fresh CompiledLM holds it: its contents never outlive a call."""
+    return torch.zeros(
         _shape(spec), dtype=parse_dtype(spec["dtype"]), device=torch.device(spec["device"])
     )
 
@@ -387,18 +406,33 @@ def _state_to_json(state: RefitState) -> dict[str, Any]:
         "inf_allowed": sorted(state.inf_allowed),
         "mutations": [list(m) for m in state.mutations],
         "signature": None if state.signature is None else state.signature.to_json(),
+        "lm": None if state.lm is None else state.lm.to_json(),
     }
 
 
 def _state_from_json(
-    data: dict[str, Any], tensors: dict[str, torch.Tensor], stripped: set[str]
+    data: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    stripped: set[str],
+    scratch: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> RefitState:
     specs = {s["fqn"]: WeightSpec.from_json(s) for s in data["specs"]}
     lineage = {k: Lineage.from_json(v) for k, v in data["lineage"].items()}
+    cache = set((data.get("lm") or {}).get("cache_keys", []))
+    for key in scratch:
+        if key not in cache or key not in lineage or lineage[key].kind != "state":
+            raise SerializationError(
+                f"The file leaves out {key!r} as a KV cache, but it is not one of the model's "
+                "cache buffers. The file was changed or corrupted; save the module again."
+            )
     _check_store_specs(data, specs, lineage)
     store = WeightStore(
         {
-            k: _placeholder(spec) if k in stripped else _checked_tensor(k, spec, tensors)
+            k: _placeholder(spec)
+            if k in stripped
+            else _zeros(spec)
+            if k in scratch
+            else _checked_tensor(k, spec, tensors)
             for k, spec in data["store"].items()
         }
     )
@@ -426,6 +460,7 @@ def _state_from_json(
         signature=None
         if data.get("signature") is None
         else CallSignature.from_json(data["signature"]),
+        lm=None if data.get("lm") is None else LMInfo.from_json(data["lm"]),
     )
 
 

@@ -131,9 +131,3 @@ def test_a_transformers_cache_output_gets_advice_that_works() -> None:
         model, (ids,), {"use_cache": False}, backend="eager"
     )  # the advice
     assert_matches(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
-
-
-def test_mutable_generate_says_it_runs_uncompiled() -> None:
-    mutable = torchrefit.MutableModule(_tiny_gpt2(), backend="eager")
-    with pytest.warns(UserWarning, match="uncompiled"):
-        assert callable(mutable.generate)

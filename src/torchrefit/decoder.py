@@ -165,7 +165,7 @@ class _Step(torch.nn.Module):
         shapes = _probe(model, device)
         for i, (k, v, dtype) in sorted(shapes.items()):
             for name, shape in (("k", k), ("v", v)):
-                full = (max_batch_size, shape[1], max_seq_len, shape[3])
+                full = (_rows(max_batch_size), shape[1], max_seq_len, shape[3])
                 buffer = torch.zeros(full, dtype=dtype, device=device)
                 holder.register_buffer(f"{name}{i}", buffer, persistent=False)
         if sorted(shapes) != list(range(len(shapes))):
@@ -267,7 +267,7 @@ def _probe(
 def _examples(step: _Step, device: torch.device) -> dict[str, torch.Tensor]:
     """Example inputs whose dynamic sizes differ from each other (batch 2, 5 tokens, logits
     of 3): sizes that are equal in the example may be taken for one symbol when compiled."""
-    batch = min(2, step.max_batch_size)
+    batch = 2  # the cache holds at least two rows (_rows)
     seq = step.cache.max_cache_len
     tokens = min(5, seq)
     keep = 3
@@ -285,7 +285,9 @@ def _examples(step: _Step, device: torch.device) -> dict[str, torch.Tensor]:
 def _export(
     step: _Step, max_batch_size: int, max_seq_len: int, device: torch.device
 ) -> torch.export.ExportedProgram:
-    batch: Any = Dim("batch", min=1, max=max_batch_size) if max_batch_size > 1 else None
+    # the batch stays dynamic even for one row (a static size 1 trips torch.export's guard
+    # function when the program is decomposed): the cache holds at least two rows
+    batch = Dim("batch", min=1, max=_rows(max_batch_size))
     tokens, keep = Dim("tokens", min=1, max=max_seq_len), Dim("keep", min=1, max=max_seq_len)
     dynamic = {
         "input_ids": {0: batch, 1: tokens},
@@ -307,6 +309,10 @@ def _export(
 
 
 # -- the model ----------------------------------------------------------------------------
+
+
+def _rows(max_batch_size: int) -> int:
+    return max(2, max_batch_size)
 
 
 def _check_limits(max_batch_size: Any, max_seq_len: Any) -> None:

@@ -97,9 +97,10 @@ def _export_failure(model: torch.nn.Module, exc: Exception) -> str:
     if "Cache" in text and "not a known type" in text:
         return (
             f"{name} returns a transformers cache object (use_cache=True is transformers' "
-            "default), which a compiled engine cannot return. Compile the forward without "
-            "it: set model.config.use_cache = False before compiling, or pass "
-            "kwarg_inputs={'use_cache': False}."
+            "default), which a compiled engine cannot return. To generate with a KV cache, "
+            "use torchrefit.compile_lm(model, max_batch_size, max_seq_len); to compile the "
+            "forward alone, pass kwarg_inputs={'use_cache': False} (or set "
+            "model.config.use_cache = False)."
         )
     return (
         f"torch.export could not export {name}: {text}. Export it yourself "

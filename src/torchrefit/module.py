@@ -304,7 +304,9 @@ def clone_module(module: CompiledModule, store: WeightStore) -> CompiledModule:
             assert isinstance(child, Fallback)
             copy = make_fallback(_copy_graph(child.graph), child.constant_keys)
         root.add_module(name, copy)
-    compiled = type(module)(root, _copy_graph(module.graph))  # a CompiledLM stays one
+    # a CompiledLM stays one (GraphModule makes a class per instance: take what it derives from)
+    kind = next(c for c in type(module).__mro__ if "GraphModuleImpl" not in c.__qualname__)
+    compiled = kind(root, _copy_graph(module.graph))
     # its own refit state: what one module's refits mark (unset weights) never shows in another
     compiled._torchrefit = dataclasses.replace(
         module._torchrefit,

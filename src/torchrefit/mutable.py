@@ -23,7 +23,9 @@ import torch.utils._pytree as pytree
 
 from .api import load
 from .compile import compile as compile_model
+from .decoder import compile_lm
 from .errors import IncompatibleWeightsError, InputError, TorchRefitError
+from .lm import CompiledLM
 from .module import CompiledModule
 from .refit.commit import commit
 from .refit.evaluate import evaluate, validate
@@ -59,6 +61,7 @@ class MutableModule(torch.nn.Module):
             _seen={},  # id(compiled) -> {FQN: (id, data_ptr, version)}
             _snapshots={},  # id(compiled) -> {FQN: copy}, for weights the store cannot show
             _traced_merges={},  # id(compiled) -> {LoRA layer: adapters merged when traced}
+            _lms={},  # (state signature, (batch, positions)) -> CompiledLM, for generate
             compiles=0,
             refits=0,
             _lock=threading.RLock(),
@@ -70,14 +73,6 @@ class MutableModule(torch.nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "generate" and not self.__dict__.get("_warned_generate"):
-                self.__dict__["_warned_generate"] = True
-                warnings.warn(
-                    "MutableModule.generate runs the wrapped model's own generate, uncompiled "
-                    "(torchrefit does not compile KV-cache decoding yet); calls of the "
-                    "MutableModule itself run the compiled engines.",
-                    stacklevel=2,
-                )
             return getattr(self.__dict__["model"], name)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
@@ -153,15 +148,89 @@ class MutableModule(torch.nn.Module):
                 )
             return key, compiled
 
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int | None = None,
+        **options: Any,
+    ) -> torch.Tensor:
+        """The wrapped causal LM's `generate`, run by a `CompiledLM` (compile_lm) that is
+        refitted when the weights changed, like a call. Options it does not take (beam
+        search, streamers, ...) run the model's own generate, uncompiled, with a warning."""
+        model = self.model
+        unknown = sorted(set(options) - _GENERATE_OPTIONS)
+        if unknown or not hasattr(model, "generation_config"):
+            reason = f"options {unknown}" if unknown else "a model without a generation_config"
+            return self._generate_uncompiled(
+                reason, input_ids, attention_mask, max_new_tokens, options
+            )
+        if max_new_tokens is None:
+            max_new_tokens = _default_new_tokens(model, input_ids.shape[-1])
+        with self._lock:
+            try:
+                lm = self._lm_for(input_ids, max_new_tokens)
+            except TorchRefitError as exc:
+                return self._generate_uncompiled(
+                    str(exc), input_ids, attention_mask, max_new_tokens, options
+                )
+        return lm.generate(
+            input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **options
+        )
+
+    def _lm_for(self, input_ids: torch.Tensor, max_new_tokens: int) -> CompiledLM:
+        """A CompiledLM whose cache fits the call, up to date with the weights: a refit when
+        they changed, a compile for a new structure or a call beyond every cache."""
+        batch, length = input_ids.shape
+        state = _state_signature(self.model)
+        for key, lm in list(self._lms.items()):
+            if key[0] != state:
+                continue
+            if lm.max_batch_size >= batch and lm.max_seq_len >= length + max_new_tokens:
+                if self._sync(lm):
+                    return lm
+                del self._lms[key]
+        limits = (_bucket(batch, 1), _bucket(length + max_new_tokens, 64))
+        logger.info("MutableModule: compiling a CompiledLM for %s (batch, positions)", limits)
+        lm = compile_lm(self.model, *limits, settings=self._settings)
+        self._lms[(state, limits)] = lm
+        self._traced_merges[id(lm)] = _merges(self.model)
+        self.__dict__["compiles"] += 1
+        self._record(lm, self._weights(lm))
+        return lm
+
+    def _generate_uncompiled(
+        self,
+        reason: str,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        max_new_tokens: int | None,
+        options: dict[str, Any],
+    ) -> Any:
+        if not self.__dict__.get("_warned_generate"):
+            self.__dict__["_warned_generate"] = True
+            warnings.warn(
+                f"MutableModule.generate runs the wrapped model's own generate, uncompiled "
+                f"({reason[:300]}); calls of the MutableModule itself run compiled engines.",
+                stacklevel=3,
+            )
+        kwargs = dict(options)
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if max_new_tokens is not None:
+            kwargs["max_new_tokens"] = max_new_tokens
+        return self.model.generate(input_ids, **kwargs)
+
     def refit(self) -> None:
         """Bring every compiled variant up to date with the model's weights now."""
         with self._lock:
-            for compiled in self._compiled.values():
+            for compiled in [*self._compiled.values(), *self._lms.values()]:
                 self._sync(compiled)
 
     def recompile(self) -> None:
         """Drop every compiled variant; the next call compiles again."""
         self._compiled.clear()
+        self._lms.clear()
         self._seen.clear()
         self._snapshots.clear()
 
@@ -290,6 +359,24 @@ class MutableModule(torch.nn.Module):
             if fqn in state.specs and not shown:
                 snapshots[fqn] = tensor.detach().clone()
         self._snapshots[id(compiled)] = snapshots
+
+
+_GENERATE_OPTIONS = frozenset(
+    {"do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id", "generator"}
+)
+
+
+def _default_new_tokens(model: torch.nn.Module, prompt: int) -> int:
+    """transformers' default: generation_config.max_new_tokens, else up to max_length."""
+    config: Any = model.generation_config
+    if getattr(config, "max_new_tokens", None):
+        return int(config.max_new_tokens)
+    return max(1, int(getattr(config, "max_length", 20) or 20) - prompt)
+
+
+def _bucket(n: int, least: int) -> int:
+    """The power of two at or above `n` (and `least`): a few caches serve every call."""
+    return max(least, 1 << (n - 1).bit_length())
 
 
 def _identity(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:

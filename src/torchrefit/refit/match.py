@@ -185,9 +185,13 @@ def _required(
     fqn: str, spec: WeightSpec, given: dict[str, Source], new: NewWeights, state: RefitState
 ) -> bool:
     """Missing and needed: parameters and persistent buffers always; the rest only from an
-    ExportedProgram (a module cannot show constants its forward creates)."""
+    ExportedProgram (a module cannot show constants its forward creates); never a buffer
+    the forward writes."""
     if state.aliases.get(fqn, fqn) in given:
         return False
+    written = state.lineage.get(fqn)
+    if written is not None and written.kind == "state":
+        return False  # the forward's own state (a KV cache): a refit never sets it
     code_constant = spec.kind == "constant" and new.origin == "module"
     return (spec.persistent or new.complete) and not code_constant
 

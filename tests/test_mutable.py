@@ -270,3 +270,21 @@ def test_classes_are_restored_after_a_trace_and_after_a_failed_one() -> None:
     model.flag = False
     _check(mutable, model, steered_inputs)
     assert mutable.compiles == 1
+
+
+def test_a_loaded_module_counts_all_of_the_state_and_save_wants_a_current_variant(
+    tmp_path,
+) -> None:
+    """What the saved trace read is unknown: any attribute changed or added recompiles."""
+    mutable, model = _steered()
+    mutable.save(str(tmp_path / "m.trf"))
+    other = randomize(Steered(), 5).eval()
+    loaded = torchrefit.MutableModule.load(str(tmp_path / "m.trf"), other)
+    _check(loaded, other, steered_inputs)
+    assert loaded.compiles == 0
+    other.clip = 0.2  # the forward reads it: the file's graph did not take that branch
+    _check(loaded, other, steered_inputs)
+    assert loaded.compiles == 1
+    model.flag = True  # not called since: no variant stands for the model now
+    with pytest.raises(torchrefit.TorchRefitError, match="call the module once"):
+        mutable.save(str(tmp_path / "n.trf"))

@@ -185,11 +185,13 @@ class MutableModule(torch.nn.Module):
         return None, reason
 
     def refit(self) -> None:
-        """Bring every compiled variant up to date with the model's weights now."""
+        """Bring every compiled variant that stands for the model now up to date with its
+        weights (the others are refitted when a call finds them again)."""
         with self._lock:
             modules = dict(self.model.named_modules())
             for variant in self._variants:
-                self._sync(variant, modules)
+                if variant.difference(modules) is None:
+                    self._sync(variant, modules)
 
     def recompile(self) -> None:
         """Drop every compiled variant; the next call compiles again."""
@@ -197,15 +199,23 @@ class MutableModule(torch.nn.Module):
             self._variants.clear()
 
     def save(self, path: str) -> None:
-        """The most recently compiled variant, in torchrefit's file format."""
+        """The newest variant that stands for the model now, refitted, in torchrefit's file
+        format."""
         with self._lock:
-            if not self._variants:
+            modules = dict(self.model.named_modules())
+            current = [v for v in self._variants if v.difference(modules) is None]
+            if not current:
                 raise TorchRefitError(
-                    "Nothing is compiled yet: call the module once before save()."
+                    "No compiled variant stands for the model as it is now (nothing is "
+                    "compiled yet, or its Python state changed since): call the module once "
+                    "before save()."
                 )
-            variant = self._variants[-1]
-            self._sync(variant, dict(self.model.named_modules()))
-            save(variant.compiled, path)
+            if not self._sync(current[-1], modules):
+                raise TorchRefitError(
+                    "The model's weights changed shape, dtype or set since the last call: "
+                    "call the module once before save()."
+                )
+            save(current[-1].compiled, path)
 
     @classmethod
     def load(cls, path: str, model: torch.nn.Module, **overrides: Any) -> MutableModule:

@@ -37,6 +37,7 @@ class _Token:
 NOT_IN_DICT = _Token("<not in the instance __dict__>")
 # An attribute found nowhere (read with getattr's default, or hasattr): it must stay absent.
 MISSING = _Token("<missing>")
+_NAMES = "__names__"  # in `whole_state`: the instance's attribute names, none added
 _TENSOR = _Token("<a tensor>")  # tensors are weights: a change is a refit, not a new variant
 _DEPTH = 4  # containers nested deeper than this count by identity
 _EMPTY = {  # one snapshot per kind of empty container (a module's hook dicts, mostly)
@@ -63,6 +64,10 @@ class Reads:
                 return f"module {path or '<root>'!r} is gone or of another class"
             state = module.__dict__
             for attr, frozen in attrs:
+                if attr == _NAMES:
+                    if _names(state) != frozen:
+                        return f"{_where(path, 'attributes')} are others than when saved"
+                    continue
                 if frozen is MISSING:
                     if _present(state, attr):
                         return f"{_where(path, attr)} was absent when traced and now is set"
@@ -87,14 +92,14 @@ class Reads:
 
 
 def whole_state(model: torch.nn.Module) -> Reads:
-    """Every module with every instance attribute: the key when the reads are unknown (a
-    module loaded from a file), as strict as can be."""
-    return Reads(
-        tuple(
-            (path, type(module), _sorted(_all_attrs(module)))
-            for path, module in model.named_modules()
-        )
-    )
+    """Every module with every instance attribute, and no new one: the key when the reads
+    are unknown (a module loaded from a file), as strict as can be."""
+    modules = []
+    for path, module in model.named_modules():
+        attrs = _all_attrs(module)
+        attrs[_NAMES] = _names(vars(module))
+        modules.append((path, type(module), _sorted(attrs)))
+    return Reads(tuple(modules))
 
 
 def freeze(value: Any, depth: int = 0) -> Any:
@@ -151,6 +156,10 @@ def _present(state: dict[str, Any], attr: str) -> bool:
     return attr in state or any(
         attr in state.get(group, ()) for group in ("_parameters", "_buffers", "_modules")
     )
+
+
+def _names(state: dict[str, Any]) -> frozenset[str]:
+    return frozenset(k for k in state if k[:2] != "__")
 
 
 def _where(path: str, attr: str) -> str:
@@ -222,8 +231,8 @@ def recording(model: torch.nn.Module) -> Iterator[_Recording]:
             cls = type(module)
             try:
                 module.__class__ = _recorder(cls, root=module is model)
-            except TypeError:  # a class whose layout forbids it (a ScriptModule)
-                record.opaque.add(path)
+            except Exception:  # a layout that forbids it (a ScriptModule), a fussy subclass hook
+                record.opaque.add(path)  # then all of its state counts
                 continue
             swapped.append((module, cls))
             record.original[path] = cls

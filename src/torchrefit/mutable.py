@@ -5,8 +5,10 @@ weights changed since the last call (a replaced tensor, an in-place op, an optim
 `load_state_dict`, and writes through `.data` that bypass the version counter), refits only
 the constants that depend on them, and recompiles when the structure changes: the set,
 shapes or dtypes of the weights, the inputs beyond the compiled ranges, or the Python state
-that steers `forward` (`training`, a LoRA adapter's merged flag). It never returns results
-computed with stale weights.
+that the traced `forward` read (`reads.py`: a flag, the active adapter, `training`). A
+Python attribute the trace did not read never recompiles, and a variant compiled before is
+found again when the state it read comes back. LoRA merges and scales are refits
+(`lora.py`). It never returns results computed with stale weights.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import inspect
 import logging
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,8 +28,11 @@ from .api import load
 from .compile import compile as compile_model
 from .decoder import compile_lm
 from .errors import IncompatibleWeightsError, InputError, TorchRefitError
+from .export import TRACING
 from .lm import CompiledLM
+from .lora import LoraTrace, lora_trace, lora_views
 from .module import CompiledModule
+from .reads import Reads, recording, whole_state
 from .refit.commit import commit
 from .refit.evaluate import evaluate, validate
 from .refit.match import Matched, fast
@@ -36,7 +42,24 @@ from .settings import Settings
 
 logger = logging.getLogger("torchrefit")
 
-_SIMPLE = (bool, int, float, str, type(None))
+Modules = Mapping[str, torch.nn.Module]
+
+
+@dataclass(eq=False)
+class _Variant:
+    """One compiled variant: the state its trace read, the inputs it was compiled for (None:
+    any), and what its engines were last given."""
+
+    reads: Reads
+    lora: LoraTrace
+    inputs: tuple | None
+    compiled: CompiledModule
+    seen: dict[str, tuple[int, int, tuple[int, ...]]] = field(default_factory=dict)
+    snapshots: dict[str, torch.Tensor] = field(default_factory=dict)  # weights the store hides
+
+    def difference(self, modules: Modules) -> str | None:
+        """Why this variant does not stand for the model now; None when it does."""
+        return self.reads.difference(modules) or self.lora.difference(modules)
 
 
 class MutableModule(torch.nn.Module):
@@ -57,11 +80,8 @@ class MutableModule(torch.nn.Module):
             model=model,
             _settings=Settings.from_overrides(settings, **overrides),
             _check_values=check_values,
-            _compiled={},  # (state signature, input signature) -> CompiledModule
-            _seen={},  # id(compiled) -> {FQN: (id, data_ptr, version)}
-            _snapshots={},  # id(compiled) -> {FQN: copy}, for weights the store cannot show
-            _traced_merges={},  # id(compiled) -> {LoRA layer: adapters merged when traced}
-            _lms={},  # (state signature, (batch, positions)) -> CompiledLM, for generate
+            _variants=[],  # _Variant, oldest first
+            _lms=[],  # _Variant of a CompiledLM, for generate
             compiles=0,
             refits=0,
             _lock=threading.RLock(),
@@ -103,13 +123,13 @@ class MutableModule(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         args, kwargs = self._normalized(args, kwargs)
-        key, compiled = self._ready(args, kwargs)
+        variant = self._ready(args, kwargs)
         try:
-            return compiled(*args, **kwargs)
+            return variant.compiled(*args, **kwargs)
         except InputError as exc:
             with self._lock:
-                compiled = self._compile(key, args, kwargs, str(exc))
-            return compiled(*args, **kwargs)
+                variant = self._compile(args, kwargs, str(exc), replacing=variant)
+            return variant.compiled(*args, **kwargs)
 
     def _normalized(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """The call bound to the model's forward, each argument positional where it can be:
@@ -133,20 +153,31 @@ class MutableModule(torch.nn.Module):
             ) from None
         return bound.args, bound.kwargs
 
-    def _ready(self, args: tuple, kwargs: dict) -> tuple[tuple, CompiledModule]:
+    def _ready(self, args: tuple, kwargs: dict) -> _Variant:
         """The variant for this call, compiled or refitted as needed; one thread at a time
         (torch.export must not trace one model twice at once)."""
         with self._lock:
-            state = _state_signature(self.model)
-            key = (state, _input_signature(args, kwargs))
-            compiled = self._compiled.get(key, self._compiled.get((state, None)))
-            if compiled is None:
-                compiled = self._compile(key, args, kwargs, "first call with this structure")
-            elif not self._sync(compiled):
-                compiled = self._compile(
-                    key, args, kwargs, "the weights changed shape, dtype or set"
+            modules = dict(self.model.named_modules())
+            variant, reason = self._find(modules, _input_signature(args, kwargs))
+            if variant is None:
+                return self._compile(args, kwargs, reason)
+            if not self._sync(variant, modules):
+                return self._compile(
+                    args, kwargs, "the weights changed shape, dtype or set", replacing=variant
                 )
-            return key, compiled
+            return variant
+
+    def _find(self, modules: Modules, inputs: tuple) -> tuple[_Variant | None, str]:
+        """The newest variant whose traced reads hold now, or None and why none does."""
+        reason = "first call" if not self._variants else "inputs of another structure"
+        same_inputs = [v for v in self._variants if v.inputs in (inputs, None)]
+        for variant in reversed(same_inputs):
+            difference = variant.difference(modules)
+            if difference is None:
+                return variant, ""
+            if variant is same_inputs[-1]:
+                reason = difference
+        return None, reason
 
     def generate(
         self,
@@ -180,23 +211,24 @@ class MutableModule(torch.nn.Module):
 
     def _lm_for(self, input_ids: torch.Tensor, max_new_tokens: int) -> CompiledLM:
         """A CompiledLM whose cache fits the call, up to date with the weights: a refit when
-        they changed, a compile for a new structure or a call beyond every cache."""
+        they changed; a compile for a new structure or a call beyond every cache."""
         batch, length = input_ids.shape
-        state = _state_signature(self.model)
-        for key, lm in list(self._lms.items()):
-            if key[0] != state:
-                continue
-            if lm.max_batch_size >= batch and lm.max_seq_len >= length + max_new_tokens:
-                if self._sync(lm):
-                    return lm
-                del self._lms[key]
+        modules = dict(self.model.named_modules())
+        for variant in reversed(self._lms):
+            lm = variant.compiled
+            assert isinstance(lm, CompiledLM)
+            fits = lm.max_batch_size >= batch and lm.max_seq_len >= length + max_new_tokens
+            if fits and variant.difference(modules) is None and self._sync(variant, modules):
+                return lm
         limits = (_bucket(batch, 1), _bucket(length + max_new_tokens, 64))
-        logger.info("MutableModule: compiling a CompiledLM for %s (batch, positions)", limits)
-        lm = compile_lm(self.model, *limits, settings=self._settings)
-        self._lms[(state, limits)] = lm
-        self._traced_merges[id(lm)] = _merges(self.model)
+        logger.info("MutableModule: compiling a CompiledLM for (batch, positions) %s", limits)
+        lora = lora_trace(self.model)
+        with TRACING, recording(self.model) as record:
+            lm = compile_lm(self.model, *limits, settings=self._settings)
+        variant = _Variant(record.reads().without(lora.handled()), lora, None, lm)
+        self._lms.append(variant)
         self.__dict__["compiles"] += 1
-        self._record(lm, self._weights(lm))
+        self._record(variant, self._weights(variant, modules))
         return lm
 
     def _generate_uncompiled(
@@ -222,24 +254,38 @@ class MutableModule(torch.nn.Module):
         return self.model.generate(input_ids, **kwargs)
 
     def refit(self) -> None:
-        """Bring every compiled variant up to date with the model's weights now."""
+        """Bring every compiled variant that stands for the model now up to date with its
+        weights (the others are refitted when a call finds them again)."""
         with self._lock:
-            for compiled in [*self._compiled.values(), *self._lms.values()]:
-                self._sync(compiled)
+            modules = dict(self.model.named_modules())
+            for variant in [*self._variants, *self._lms]:
+                if variant.difference(modules) is None:
+                    self._sync(variant, modules)
 
     def recompile(self) -> None:
         """Drop every compiled variant; the next call compiles again."""
-        self._compiled.clear()
-        self._lms.clear()
-        self._seen.clear()
-        self._snapshots.clear()
+        with self._lock:
+            self._variants.clear()
+            self._lms.clear()
 
     def save(self, path: str) -> None:
-        """The most recently compiled variant, in torchrefit's file format."""
-        if not self._compiled:
-            raise TorchRefitError("Nothing is compiled yet: call the module once before save().")
-        self._sync(next(reversed(self._compiled.values())))
-        save(next(reversed(self._compiled.values())), path)
+        """The newest variant that stands for the model now, refitted, in torchrefit's file
+        format."""
+        with self._lock:
+            modules = dict(self.model.named_modules())
+            current = [v for v in self._variants if v.difference(modules) is None]
+            if not current:
+                raise TorchRefitError(
+                    "No compiled variant stands for the model as it is now (nothing is "
+                    "compiled yet, or its Python state changed since): call the module once "
+                    "before save()."
+                )
+            if not self._sync(current[-1], modules):
+                raise TorchRefitError(
+                    "The model's weights changed shape, dtype or set since the last call: "
+                    "call the module once before save()."
+                )
+            save(current[-1].compiled, path)
 
     @classmethod
     def load(cls, path: str, model: torch.nn.Module, **overrides: Any) -> MutableModule:
@@ -247,35 +293,42 @@ class MutableModule(torch.nn.Module):
         the model's current weights are refitted in before the first call runs."""
         compiled = load(path)
         mutable = cls(model, settings=compiled.settings, **overrides)
-        mutable._compiled[(_state_signature(model), None)] = compiled
-        mutable._traced_merges[id(compiled)] = _merges(model)
-        mutable._seen[id(compiled)] = {}  # every weight counts as changed: refit on first call
+        lora = lora_trace(model)  # what the file's trace read is unknown: all of the state counts
+        reads = whole_state(model).without(lora.handled())
+        mutable._variants.append(_Variant(reads, lora, None, compiled))  # seen nothing: refit
         return mutable
 
     # -- internals --------------------------------------------------------------------------
 
-    def _compile(self, key: tuple, args: tuple, kwargs: dict, reason: str) -> CompiledModule:
+    def _compile(
+        self, args: tuple, kwargs: dict, reason: str, replacing: _Variant | None = None
+    ) -> _Variant:
         logger.info("MutableModule: compiling (%s)", reason)
-        compiled = compile_model(self.model, args, kwargs or None, settings=self._settings)
-        self._compiled[key] = compiled
-        self._traced_merges[id(compiled)] = _merges(self.model)
+        lora = lora_trace(self.model)
+        with TRACING, recording(self.model) as record:
+            compiled = compile_model(self.model, args, kwargs or None, settings=self._settings)
+        reads = record.reads().without(lora.handled())
+        variant = _Variant(reads, lora, _input_signature(args, kwargs), compiled)
+        if replacing in self._variants:
+            self._variants.remove(replacing)
+        self._variants.append(variant)
         self.__dict__["compiles"] += 1
-        self._record(compiled, self._weights(compiled))
-        return compiled
+        self._record(variant, self._weights(variant, dict(self.model.named_modules())))
+        return variant
 
-    def _weights(self, compiled: CompiledModule) -> dict[str, torch.Tensor]:
-        weights = module_tensors(self.model, compiled._torchrefit.specs)
-        weights.update(_lora_views(self.model, self._traced_merges.get(id(compiled), {})))
+    def _weights(self, variant: _Variant, modules: Modules) -> dict[str, torch.Tensor]:
+        weights = module_tensors(self.model, variant.compiled._torchrefit.specs)
+        weights.update(lora_views(modules, variant.lora))
         return weights
 
-    def _sync(self, compiled: CompiledModule) -> bool:
+    def _sync(self, variant: _Variant, modules: Modules) -> bool:
         """Refit what changed; False when only a recompile can follow the change."""
-        with compiled._torchrefit.guard.refit:
-            return self._sync_locked(compiled)
+        with variant.compiled._torchrefit.guard.refit:
+            return self._sync_locked(variant, modules)
 
-    def _sync_locked(self, compiled: CompiledModule) -> bool:
-        state = compiled._torchrefit
-        current = self._weights(compiled)
+    def _sync_locked(self, variant: _Variant, modules: Modules) -> bool:
+        state = variant.compiled._torchrefit
+        current = self._weights(variant, modules)
         named: dict[str, Source] = {
             k: t for k, t in current.items() if k in state.specs or k in state.aliases
         }
@@ -283,32 +336,32 @@ class MutableModule(torch.nn.Module):
             matched = fast(NewWeights(named, "module"), state)
         except IncompatibleWeightsError:
             return False
-        changed = self._changed(compiled, current)
+        changed = self._changed(variant, current)
         if not changed:
             return True
         try:
-            self._refit(compiled, matched, changed)
+            self._refit(variant.compiled, matched, changed)
         except TorchRefitError as exc:
             warnings.warn(f"torchrefit: refit failed ({exc}); recompiling", stacklevel=3)
             return False
-        self._record(compiled, current)
+        self._record(variant, current)
         return True
 
-    def _changed(self, compiled: CompiledModule, current: dict[str, torch.Tensor]) -> set[str]:
-        seen = self._seen.get(id(compiled), {})
+    def _changed(self, variant: _Variant, current: dict[str, torch.Tensor]) -> set[str]:
+        seen = variant.seen
         views = {f for f, t in current.items() if getattr(t, "_torchrefit_view", False)}
         changed = {f for f, t in current.items() if f not in views and seen.get(f) != _identity(t)}
         if self._check_values or views:
             candidates = current if self._check_values else {f: current[f] for f in views}
-            changed |= self._changed_values(compiled, candidates, skip=changed)
-        return changed & set(compiled._torchrefit.specs)
+            changed |= self._changed_values(variant, candidates, skip=changed)
+        return changed & set(variant.compiled._torchrefit.specs)
 
     def _changed_values(
-        self, compiled: CompiledModule, current: dict[str, torch.Tensor], skip: set[str]
+        self, variant: _Variant, current: dict[str, torch.Tensor], skip: set[str]
     ) -> set[str]:
         """Weights whose values differ from what the engines were given (`.data` writes)."""
-        state = compiled._torchrefit
-        snapshots = self._snapshots.get(id(compiled), {})
+        state = variant.compiled._torchrefit
+        snapshots = variant.snapshots
         pairs = []
         for fqn, tensor in current.items():
             if fqn in skip:
@@ -342,10 +395,10 @@ class MutableModule(torch.nn.Module):
             "MutableModule: refitted %d constants (%d weights changed)", len(touched), len(changed)
         )
 
-    def _record(self, compiled: CompiledModule, current: dict[str, torch.Tensor]) -> None:
+    def _record(self, variant: _Variant, current: dict[str, torch.Tensor]) -> None:
         """Remember each weight's identity, and a copy of those the store cannot stand for."""
-        state = compiled._torchrefit
-        self._seen[id(compiled)] = {f: _identity(t) for f, t in current.items()}
+        state = variant.compiled._torchrefit
+        variant.seen = {f: _identity(t) for f, t in current.items()}
         if not self._check_values:
             return
         snapshots = {}
@@ -358,7 +411,7 @@ class MutableModule(torch.nn.Module):
             )
             if fqn in state.specs and not shown:
                 snapshots[fqn] = tensor.detach().clone()
-        self._snapshots[id(compiled)] = snapshots
+        variant.snapshots = snapshots
 
 
 _GENERATE_OPTIONS = frozenset(
@@ -385,21 +438,6 @@ def _identity(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
     return (tensor.data_ptr(), tensor._version, tuple(tensor.shape))
 
 
-def _state_signature(model: torch.nn.Module) -> tuple:
-    """The plain Python state of every submodule: what `forward` may branch on."""
-    items = []
-    for name, module in model.named_modules():
-        lora = _is_lora(module)
-        for attr, value in vars(module).items():
-            if lora and attr == "merged_adapters":
-                continue  # a merge is a weight change: see _lora_views
-            if isinstance(value, _SIMPLE) or (
-                isinstance(value, (list, tuple)) and all(isinstance(v, _SIMPLE) for v in value)
-            ):
-                items.append((name, attr, tuple(value) if isinstance(value, list) else value))
-    return tuple(items)
-
-
 def _input_signature(args: tuple, kwargs: dict) -> tuple:
     leaves, spec = pytree.tree_flatten((args, kwargs))
     described = tuple(
@@ -407,46 +445,3 @@ def _input_signature(args: tuple, kwargs: dict) -> tuple:
         for x in leaves
     )
     return (str(spec), described)
-
-
-# -- LoRA (peft): a merge or unmerge is a change of weights, not of structure -------------------
-#
-# peft's merge adds each adapter's delta to the base weight (through `.data`) and then skips
-# the adapter branch in forward. A compiled graph keeps the branches it was traced with; so
-# the weight it is given for the base layer is the current weight moved to the traced merge
-# state: W - delta(merged now) + delta(merged when traced). The outputs equal eager's, and
-# merging or unmerging is a refit.
-
-
-def _is_lora(module: torch.nn.Module) -> bool:
-    return (
-        hasattr(module, "get_delta_weight")
-        and hasattr(module, "base_layer")
-        and hasattr(module, "merged_adapters")
-    )
-
-
-def _merges(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
-    return {name: tuple(m.merged_adapters) for name, m in model.named_modules() if _is_lora(m)}
-
-
-def _lora_views(
-    model: torch.nn.Module, traced: dict[str, tuple[str, ...]]
-) -> dict[str, torch.Tensor]:
-    views: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
-        if not _is_lora(module):
-            continue
-        now, then = tuple(module.merged_adapters), traced.get(name, ())
-        if now == then:
-            continue
-        weight = module.base_layer.weight
-        with torch.no_grad():
-            view = weight.detach().clone()
-            for adapter in now:
-                view -= module.get_delta_weight(adapter).to(view.dtype)
-            for adapter in then:
-                view += module.get_delta_weight(adapter).to(view.dtype)
-        view._torchrefit_view = True  # type: ignore[attr-defined]
-        views[f"{name}.base_layer.weight" if name else "base_layer.weight"] = view
-    return views

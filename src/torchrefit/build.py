@@ -67,7 +67,7 @@ def build(
         output_constants.values()
     )
     used |= _kept_sources(source, lowered)
-    used |= {m.target for m in lowered.mutations if m.kind == "buffer"}  # written after each call
+    used |= _state_keys(lowered)  # written by each call
     store = _initial_store(program, lowered, device, used, source_tensors(source))
     compiled = CompiledModule(root, top.graph)
     compiled._torchrefit = _refit_state(source, program, lowered, store, settings)
@@ -251,7 +251,7 @@ def _refit_state(
     settings: Settings,
 ) -> RefitState:
     specs = {s.fqn: s for s in weight_specs(source).values()}
-    state_keys = {m.target for m in lowered.mutations if m.kind == "buffer"}
+    state_keys = _state_keys(lowered)
     lineage: dict[str, Lineage] = {}
     for key in store.keys():
         if key in lowered.derived:
@@ -286,6 +286,11 @@ def _refit_state(
         mutations=_mutations(lowered),
         signature=program_signature(source),
     )
+
+
+def _state_keys(lowered: LoweredProgram) -> set[str]:
+    """Buffers the forward writes (in the graph, or after it through an output)."""
+    return {str(r.key) for r in lowered.roles.values() if r.kind == "state"}
 
 
 def _mutations(lowered: LoweredProgram) -> list[tuple[str, str]]:

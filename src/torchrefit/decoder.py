@@ -86,7 +86,8 @@ class _Cache:
         self.is_sliding = [False] * layers
         self.is_linear = [False] * layers
         self.is_dummy = [False] * layers
-        self.slots: torch.Tensor | None = None
+        self.slots: torch.Tensor | None = None  # cache positions of the new tokens
+        self.rows: torch.Tensor | None = None  # batch rows of the call
         self.batch = 0
 
     def update(
@@ -97,12 +98,15 @@ class _Cache:
         *_: Any,
         **__: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.slots is not None
-        keys = getattr(self.holder, f"k{layer_idx}")[: self.batch]
-        values = getattr(self.holder, f"v{layer_idx}")[: self.batch]
-        keys.index_copy_(2, self.slots, key_states.to(keys.dtype))
-        values.index_copy_(2, self.slots, value_states.to(values.dtype))
-        return keys, values
+        assert self.slots is not None and self.rows is not None
+        keys = getattr(self.holder, f"k{layer_idx}")
+        values = getattr(self.holder, f"v{layer_idx}")
+        # one index_put on the whole buffer (rows x slots), not a write through a view of its
+        # first rows: Inductor then updates the cache in place instead of copying all of it
+        where = (self.rows[:, None], slice(None), self.slots[None, :])
+        keys[where] = key_states.transpose(1, 2).to(keys.dtype)
+        values[where] = value_states.transpose(1, 2).to(values.dtype)
+        return keys[: self.batch], values[: self.batch]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions always come from position_ids
@@ -192,6 +196,7 @@ class _Step(torch.nn.Module):
     ) -> torch.Tensor:
         self.cache.slots = cache_position
         self.cache.batch = input_ids.shape[0]
+        self.cache.rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         kwargs: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": _mask(attention_mask, cache_position, self.dtype, self.window),
@@ -265,12 +270,11 @@ def _probe(
 
 
 def _examples(step: _Step, device: torch.device) -> dict[str, torch.Tensor]:
-    """Example inputs whose dynamic sizes differ from each other (batch 2, 5 tokens, logits
-    of 3): sizes that are equal in the example may be taken for one symbol when compiled."""
-    batch = 2  # the cache holds at least two rows (_rows)
+    """Example inputs whose dynamic sizes differ from each other and from their bounds
+    (batch 2, 5 tokens, logits of 3; at least 3 rows and 8 positions): sizes that are equal
+    in the example may be taken for one symbol when compiled, a bound for a constant."""
+    batch, tokens, keep = 2, 5, 3
     seq = step.cache.max_cache_len
-    tokens = min(5, seq)
-    keep = 3
     ids = torch.zeros(batch, tokens, dtype=torch.long, device=device)
     slots = torch.arange(tokens, device=device)
     return {
@@ -286,7 +290,7 @@ def _export(
     step: _Step, max_batch_size: int, max_seq_len: int, device: torch.device
 ) -> torch.export.ExportedProgram:
     # the batch stays dynamic even for one row (a static size 1 trips torch.export's guard
-    # function when the program is decomposed): the cache holds at least two rows
+    # function when the program is decomposed): the cache holds at least three rows
     batch = Dim("batch", min=1, max=_rows(max_batch_size))
     tokens, keep = Dim("tokens", min=1, max=max_seq_len), Dim("keep", min=1, max=max_seq_len)
     dynamic = {
@@ -312,11 +316,13 @@ def _export(
 
 
 def _rows(max_batch_size: int) -> int:
-    return max(2, max_batch_size)
+    """Cache rows: at least three, so that the example batch (2) is below the largest batch
+    (an example at a Dim's bound may be specialized on when Inductor compiles)."""
+    return max(3, max_batch_size)
 
 
 def _check_limits(max_batch_size: Any, max_seq_len: Any) -> None:
-    limits = (("max_batch_size", max_batch_size, 1), ("max_seq_len", max_seq_len, 4))
+    limits = (("max_batch_size", max_batch_size, 1), ("max_seq_len", max_seq_len, 8))
     for name, value, least in limits:
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise SettingsError(f"{name} is {value!r}; give an int of at least {least}.")

@@ -67,6 +67,27 @@ def test_weight_only_arithmetic_is_hoisted_with_lineage() -> None:
     assert_matches(refitted(x), run_eager(b, x))
 
 
+def test_weight_math_on_a_view_the_graph_also_reads_stays_in_the_graph() -> None:
+    """A view of a weight that compute reads stays in the graph; so does weight-only math
+    over it (Qwen2's rotary frequencies in transformers 5.17 made this shape)."""
+
+    class Rotary(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("freq", torch.rand(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            view = self.freq.unsqueeze(0)
+            return x * view + (view * 2).exp()
+
+    a, b = Rotary().eval(), Rotary().eval()
+    compiled = torchrefit.compile(a, (torch.randn(3, 4),), backend="eager")
+    x = torch.randn(3, 4)
+    assert_matches(compiled(x), run_eager(a, x))
+    torchrefit.refit_module_weights(compiled, b.state_dict(), in_place=True)
+    assert_matches(compiled(x), run_eager(b, x))
+
+
 def test_unknown_lineage_is_a_compile_time_error() -> None:
     program = _lowered(randomize(MLP(), 0), (torch.randn(2, 16),))
     graph = program.gm.graph

@@ -62,11 +62,15 @@ def _weight_only_nodes(program: LoweredProgram) -> set[fx.Node]:
                 weight_only.add(node)
     hoisted = {n for n in weight_only if n.op == "call_function"}
     changed = True
-    while changed:  # a view or a non-tensor crossing into the compute graph stays there
-        changed = False
+    while changed:  # a view or a non-tensor crossing into the compute graph stays there,
+        changed = False  # and so does whatever reads one that stays
         for node in list(hoisted):
             crosses = any(u not in hoisted for u in node.users)
-            if crosses and (_is_view(node) or not isinstance(node.meta.get("val"), torch.Tensor)):
+            stays = crosses and (
+                _is_view(node) or not isinstance(node.meta.get("val"), torch.Tensor)
+            )
+            orphaned = any(i not in hoisted and i.op != "placeholder" for i in node.all_input_nodes)
+            if stays or orphaned:
                 hoisted.discard(node)
                 changed = True
     return hoisted

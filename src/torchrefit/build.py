@@ -56,6 +56,7 @@ def build(
         if parts.kinds[str(node.target)] == ENGINE:
             child = _build_engine(sub, node, lowered, backend, name)
         else:
+            _lift_branches(sub, node, root)
             child = _build_fallback(sub, node, lowered)
         root.add_module(name, child)
         node.target = name
@@ -167,6 +168,45 @@ def _build_fallback(sub: fx.GraphModule, call: fx.Node, lowered: LoweredProgram)
     for ph, _ in weights:
         graph.erase_node(ph)
     return make_fallback(graph, [k for _, k in weights])
+
+
+def _lift_branches(sub: fx.GraphModule, call: fx.Node, root: torch.nn.Module) -> None:
+    """The branch graphs of a fallback's torch.cond / while_loop become fallbacks of their
+    own, children of the compiled module, which the top graph passes in as inputs: a
+    fallback holds weights and no modules, so it saves, loads and clones as one graph."""
+    top = call.graph
+    for node in [n for n in sub.graph.nodes if n.op == "get_attr"]:
+        branch = getattr(sub, str(node.target))
+        assert isinstance(branch, fx.GraphModule), node.target  # partition keeps weights as inputs
+        _refuse_nested(branch, node)
+        name = _child_name("branch", root)
+        root.add_module(name, make_fallback(_copied(branch.graph), []))
+        last_placeholder = [n for n in sub.graph.nodes if n.op == "placeholder"][-1]
+        with sub.graph.inserting_after(last_placeholder):
+            placeholder = sub.graph.placeholder(name)
+        node.replace_all_uses_with(placeholder)
+        sub.graph.erase_node(node)
+        with top.inserting_before(call):
+            call.args = (*call.args, top.create_node("get_attr", name))  # root holds it
+        delattr(sub, str(node.target))
+
+
+def _refuse_nested(branch: fx.GraphModule, node: fx.Node) -> None:
+    for inner in branch.graph.nodes:
+        if inner.op in ("get_attr", "call_module"):
+            ops = sorted(f"{u.name!r} (torch.ops.higher_order.{u.target})" for u in node.users)
+            raise UnsupportedGraphError(
+                f"The branch {node.target!r} of {', '.join(ops)} reads {inner.target!r}, a "
+                "graph of its own (a torch.cond, while_loop or map nested in another's "
+                "branch): torchrefit runs one level of branches. Compute the inner choice "
+                "with torch.where(pred, a, b), or move the inner torch.cond out of the branch."
+            )
+
+
+def _copied(graph: fx.Graph) -> fx.Graph:
+    copy = fx.Graph()
+    copy.output(copy.graph_copy(graph, {}))
+    return copy
 
 
 def _drop_weight_placeholders(graph: fx.Graph, lowered: LoweredProgram) -> dict[str, str]:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from .errors import ExportError, SettingsError, UnsupportedGraphError
 from .settings import Settings
@@ -102,10 +103,47 @@ def _export_failure(model: torch.nn.Module, exc: Exception) -> str:
             "forward alone, pass kwarg_inputs={'use_cache': False} (or set "
             "model.config.use_cache = False)."
         )
+    if isinstance(_data_dependent_cause(exc), GuardOnDataDependentSymNode):
+        return _data_dependent_failure(name, text)
     return (
         f"torch.export could not export {name}: {text}. Export it yourself "
         "(torch.export.export) and pass the ExportedProgram, or fix the model."
     )
+
+
+def _data_dependent_cause(exc: BaseException) -> BaseException | None:
+    while exc is not None and not isinstance(exc, GuardOnDataDependentSymNode):
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return exc
+
+
+def _data_dependent_failure(name: str, text: str) -> str:
+    """Python control flow on a tensor's value: the fixes that export (torch.cond, or a
+    bounded .item() kept symbolic), which torchrefit then runs in PyTorch."""
+    where = _user_frame(text)
+    if "extract specialized integer" in text or "specialized float" in text:
+        return (
+            f"{name}'s forward turns a tensor's value into a Python number{where} (int() or "
+            "float() of .item()), which torch.export cannot trace. "
+            "Keep it symbolic: `n = t.item()` with its bounds stated, "
+            "`torch._check(n >= 0); torch._check(n <= MAX)`, then use `n` in tensor ops "
+            "(torch.arange(n), x[:n]); torchrefit runs the ops that depend on it in PyTorch."
+        )
+    return (
+        f"{name}'s forward branches on a tensor's value{where or ' (`if x.sum() > 0:`)'}, which "
+        "torch.export cannot trace. Write the branch as torch.cond(pred, true_fn, false_fn, "
+        "(x,)) (both branches must return tensors of the same shapes); torchrefit runs it in "
+        "PyTorch, with its weights refittable."
+    )
+
+
+def _user_frame(text: str) -> str:
+    """' at File "...", line N: <code>' from torch's message, where it names the call."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith("File ") and i + 1 < len(lines):
+            return f" at {line.strip()}: `{lines[i + 1].strip()}`"
+    return ""
 
 
 def engine_program(

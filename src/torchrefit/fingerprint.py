@@ -60,7 +60,17 @@ def _describe(graph: fx.Graph, placeholder_labels: dict[str, str]) -> list[str]:
             call = f"{_args(node.args, index)}{_kwargs(node.kwargs, index)}"
             head = f"{node.op} {_target(node.target)}{call}"
         lines.append(f"{head} -> {_meta(node.meta.get('val'))}")
+        branch = _branch(graph, node)
+        if branch is not None:  # a torch.cond / while_loop branch: its ops are structure too
+            lines.extend(f"  {line}" for line in _describe(branch.graph, {}))
     return lines
+
+
+def _branch(graph: fx.Graph, node: fx.Node) -> fx.GraphModule | None:
+    if node.op != "get_attr" or graph.owning_module is None:
+        return None
+    value = getattr(graph.owning_module, str(node.target), None)
+    return value if isinstance(value, fx.GraphModule) else None
 
 
 def fingerprint(lines: list[str], settings_key: dict[str, Any]) -> str:

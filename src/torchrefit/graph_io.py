@@ -1,8 +1,10 @@
 """fx graphs of aten ops as JSON data, and back, without running or unpickling code.
 
 Names are validated plain identifiers (fx pastes them into the code it generates), and
-targets resolve only to aten and prims op overloads, arithmetic functions of `operator` and
-`torch.sym_*` functions; anything else is refused before any code is generated.
+targets resolve only to aten and prims op overloads, arithmetic functions of `operator`,
+`torch.sym_*` functions and the higher-order ops cond, while_loop and map (whose bodies are
+inputs of the graph, never stored code); anything else is refused before any code is
+generated.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ SYM_TARGETS = frozenset(
     }
 )
 OP_NAMESPACES = frozenset({"aten", "prims"})
+# Higher-order ops a fallback may call: their branch graphs are arguments (other fallbacks
+# of the module), so a stored graph names no code beyond the op itself.
+HIGHER_ORDER_TARGETS = frozenset({"cond", "while_loop", "map_impl"})
 MAX_DEPTH = 32  # nesting of stored arguments
 MAX_NODES = 1_000_000
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
@@ -106,6 +111,15 @@ def target_name(target: Any) -> str:
         name = f"torch.ops.{target}"
         resolve_target(name)  # what save writes, load takes
         return name
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        if target.name() in HIGHER_ORDER_TARGETS:
+            return f"torch.ops.higher_order.{target.name()}"
+        raise UnsupportedGraphError(
+            f"Graph calls the higher-order op torch.ops.higher_order.{target.name()}, which "
+            f"cannot be stored as data (only {sorted(HIGHER_ORDER_TARGETS)} can). Compile the "
+            "model where you run it (torchrefit.compile) instead of saving it, or write that "
+            "part with torch.cond or torch.ops.higher_order.while_loop."
+        )
     name = getattr(target, "__name__", "")
     if name in OPERATOR_TARGETS and getattr(operator, name, None) is target:
         return f"operator.{name}"
@@ -120,7 +134,10 @@ def target_name(target: Any) -> str:
 
 def resolve_target(name: Any) -> Any:
     """The function a stored target names, from the allow-list only."""
-    if isinstance(name, str) and name.startswith("torch.ops."):
+    if isinstance(name, str) and name.startswith("torch.ops.higher_order."):
+        if name.removeprefix("torch.ops.higher_order.") in HIGHER_ORDER_TARGETS:
+            return getattr(torch.ops.higher_order, name.removeprefix("torch.ops.higher_order."))
+    elif isinstance(name, str) and name.startswith("torch.ops."):
         parts = name.removeprefix("torch.ops.").split(".")
         if len(parts) == 3 and parts[0] in OP_NAMESPACES and all(_NAME.fullmatch(p) for p in parts):
             packet = getattr(getattr(torch.ops, parts[0]), parts[1], None)
@@ -133,8 +150,9 @@ def resolve_target(name: Any) -> Any:
     elif isinstance(name, str) and name.removeprefix("torch.") in SYM_TARGETS:
         return getattr(torch, name.removeprefix("torch."))
     raise UnsupportedGraphError(
-        f"Stored graph names the call target {name!r}, which is refused: only aten and prims "
-        "op overloads, arithmetic operators and torch.sym_* functions are taken."
+        f"Stored graph names the call target {str(name)[:80]!r}, which is refused: only aten "
+        "and prims op overloads, arithmetic operators, torch.sym_* functions and "
+        f"torch.ops.higher_order {sorted(HIGHER_ORDER_TARGETS)} are taken."
     )
 
 

@@ -3,6 +3,11 @@
 Partitions are maximal runs of the graph's topological order with one label. A run of a
 topological order is convex (every path between two of its nodes stays inside it), so
 fusing it never creates a cycle.
+
+Higher-order ops (torch.cond, while_loop) always run in PyTorch: an engine is one flat
+graph, and their branches are graphs of their own, run by PyTorch with the weights the
+fallback passes them. The backend refuses whatever else it cannot build (Inductor: values
+whose sizes depend on the data).
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ class Capability:
     def label(self, node: fx.Node) -> str | None:
         """ENGINE, FALLBACK, or None for nodes that go with their neighbours."""
         target = node.target
+        if isinstance(target, torch._ops.HigherOrderOperator):
+            return FALLBACK
         if not isinstance(target, torch._ops.OpOverload):
-            return None
+            return None if self.backend_supports(node) else FALLBACK
         if (
             str(target) in self.torch_executed_ops
             or target.name().replace("::", ".") in self.torch_executed_ops

@@ -170,12 +170,15 @@ def _all_stripped(metadata: dict[str, Any], stripped: set[str]) -> bool:
 
 
 def _check_references(graph: fx.Graph, root: torch.nn.Module, path: str) -> None:
-    """Every module and attribute the top graph names exists (else it would fail when called)."""
+    """Every module and attribute the top graph names exists (else it would fail when called).
+    An attribute is a buffer, or a fallback passed as a torch.cond / while_loop branch."""
     children = dict(root.named_children())
-    buffers = dict(root.named_buffers())
+    readable = set(dict(root.named_buffers())) | {
+        n for n, c in children.items() if isinstance(c, Fallback)
+    }
     for node in graph.nodes:
         if (node.op == "call_module" and node.target not in children) or (
-            node.op == "get_attr" and node.target not in buffers
+            node.op == "get_attr" and node.target not in readable
         ):
             raise SerializationError(
                 f"{path!r}: the graph names {node.target!r}, which the file lacks."

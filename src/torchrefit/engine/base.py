@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 Runner = Callable[..., Sequence[torch.Tensor]]
 
@@ -26,3 +27,11 @@ class Backend(Protocol):
 
     def load(self, data: bytes) -> Runner:
         """A runner from dump()'s bytes, already checked against their SHA-256."""
+
+
+def data_dependent(node: fx.Node) -> bool:
+    """Whether the node makes or reads a value whose size (or value) is known only at run
+    time, an unbacked symbol: `x[mask]`, `nonzero`, `unique`, `.item()` and what uses them.
+    Making one waits for the device; a graph reading one cannot be compiled for its shape."""
+    values = [node.meta.get("val")] + [a.meta.get("val") for a in node.all_input_nodes]
+    return any(free_unbacked_symbols(v) for v in values if v is not None)

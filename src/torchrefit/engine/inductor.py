@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .base import Runner
+from .base import Runner, data_dependent
 
 
 class InductorBackend:
@@ -23,7 +23,10 @@ class InductorBackend:
         self.options = options or {}
 
     def supports(self, node: fx.Node) -> bool:
-        return True  # Inductor falls back to ATen for ops it has no lowering for
+        """Everything but data-dependent sizes and values: `standalone_compile` of a graph
+        holding one fails ("possible memo disaster"), so those ops and every op that reads
+        their results run in PyTorch. Inductor falls back to ATen for ops it cannot lower."""
+        return not data_dependent(node)
 
     def build(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Runner:
         from torch._inductor import standalone_compile

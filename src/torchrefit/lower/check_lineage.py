@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import torch.fx as fx
+
 from ..errors import LineageError
 from .context import LoweredProgram, LoweringContext
 
 
 def check_lineage(program: LoweredProgram, ctx: LoweringContext) -> LoweredProgram:
     for node in program.gm.graph.nodes:
-        if node.op == "get_attr":
+        if node.op == "get_attr" and not _is_branch(program.gm, node):
             raise LineageError(
                 f"Node {node.name!r} reads the attribute {node.target!r}, which is not a "
                 "weight of the graph signature, so a refit could not update it. Make it a "
@@ -29,3 +31,8 @@ def check_lineage(program: LoweredProgram, ctx: LoweringContext) -> LoweredProgr
                 "lineage; a refit could not recompute it. This is a bug in the pass that made it."
             )
     return program
+
+
+def _is_branch(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A torch.cond or while_loop branch: a graph, whose weights export passes in as inputs."""
+    return isinstance(getattr(gm, str(node.target), None), fx.GraphModule)

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import torch
+from torch._export.verifier import SpecViolationError
 from torch.export import ExportedProgram
 
+from ..errors import UnsupportedGraphError
 from ..export import TRACING, mutations, weight_specs
 from .context import LoweredProgram, Role
 
 
 def decompose(ep: ExportedProgram) -> LoweredProgram:
     with TRACING:
-        ep = ep.run_decompositions(_decomposition_table())
+        try:
+            ep = ep.run_decompositions(_decomposition_table())
+        except SpecViolationError as exc:  # export keeps it, its own verifier refuses it
+            raise UnsupportedGraphError(
+                f"The exported forward writes state where torchrefit cannot compile it ({exc}):"
+                " most often a buffer written inside a torch.cond or while_loop branch. Return "
+                "the new value from every branch and write it after the call: `y, n = "
+                "torch.cond(pred, f, g, (x, self.n)); self.n.copy_(n)`."
+            ) from exc
     writes = mutations(ep)  # after decomposition, which reveals them
     state = {m.target for m in writes if m.kind == "buffer"}
     specs = weight_specs(ep)

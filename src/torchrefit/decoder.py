@@ -12,7 +12,9 @@ through unchanged, so no model code is patched.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -57,7 +59,7 @@ def compile_lm(
             f"compile_lm compiles on the model's device ({device}); Settings.device is "
             f"{settings.device}. Move the model first (model.to({settings.device!r}))."
         )
-    with TRACING:
+    with TRACING, _grouped_attention(model):
         step = _Step(model, max_batch_size, max_seq_len, device)
         program = _export(step, max_batch_size, max_seq_len, device)
     compiled = compile_model(program, (), _examples(step, device), settings=settings)
@@ -210,6 +212,55 @@ class _Step(torch.nn.Module):
             kwargs["logits_to_keep"] = logits_index
         logits = self.__dict__["lm"](**kwargs).logits
         return logits if self.takes_logits_to_keep else logits[:, logits_index]
+
+
+_ATTENTION = "torchrefit_grouped"
+
+
+@contextlib.contextmanager
+def _grouped_attention(model: torch.nn.Module) -> Iterator[None]:
+    """While tracing, the model's attention layers call `_attend` (transformers'
+    AttentionInterface); the model is as it was afterwards."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_ATTENTION, _attend)
+    config: Any = model.config
+    before = config._attn_implementation
+    config._attn_implementation = _ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def _attend(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    **_: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention over the whole cache with the query heads grouped by their key/value head:
+    the cache is read once per step, never repeated per query head (what SDPA with a mask
+    does under tracing). Scores and softmax in float32, as transformers' eager attention."""
+    batch, heads, tokens, dim = query.shape
+    kv_heads, slots = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    q = query.contiguous().reshape(batch, kv_heads, group * tokens, dim)  # heads h*group+g
+    scale = scaling if scaling is not None else dim**-0.5
+    scores = torch.matmul(q, key.transpose(2, 3)).float() * scale
+    scores = scores.reshape(batch, kv_heads, group, tokens, slots)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, None, :, :slots].float()
+    probs = scores.softmax(dim=-1).to(value.dtype).reshape(batch, kv_heads, group * tokens, slots)
+    out = torch.matmul(probs, value).unflatten(2, (group, tokens))  # (batch, kv, group, ...)
+    return out.permute(0, 3, 1, 2, 4).reshape(batch, tokens, heads, dim), None
 
 
 def _mask(

@@ -323,3 +323,39 @@ def test_the_dynamic_cache_error_names_compile_lm() -> None:
     model = gpt2()
     with pytest.raises(torchrefit.ExportError, match="compile_lm"):
         torchrefit.compile(model, (torch.randint(0, VOCAB, (1, 5)),), backend="eager")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["gpt2-tied", "llama-gqa"])
+def test_cuda_graph_decode_equals_transformers_and_follows_refits(family: str) -> None:
+    """On CUDA, decode replays CUDA graphs (one per batch size); float32 tokens equal
+    transformers', before and after a Refitter refit, across batch sizes 1 and 3."""
+    model = FAMILIES[family]().cuda()
+    lm = torchrefit.compile_lm(model, max_batch_size=3, max_seq_len=48)
+    assert lm.settings.cuda_graphs
+    trainer = FAMILIES[family](seed=3).cuda()
+    refit = torchrefit.Refitter(lm, trainer)
+    for batch in (1, 3):
+        ids, mask = prompts(batch, 11)
+        ids, mask = ids.cuda(), mask.cuda()
+        got = lm.generate(ids, attention_mask=mask, max_new_tokens=16)
+        assert torch.equal(got, reference(model, ids, mask, max_new_tokens=16))
+        refit()
+        got = lm.generate(ids, attention_mask=mask, max_new_tokens=16)
+        assert torch.equal(got, reference(trainer, ids, mask, max_new_tokens=16))
+        torchrefit.refit_module_weights(lm, model.state_dict(), in_place=True)
+    graphs = lm.__dict__.get("_cuda_graphs", {})
+    assert sum(len(g.captured) for g in graphs.values()) >= 2  # a decode graph per batch size
+
+
+@pytest.mark.gpu
+def test_cuda_bfloat16_logits_match_eager() -> None:
+    model = llama().cuda().to(torch.bfloat16)
+    lm = torchrefit.compile_lm(model, max_batch_size=2, max_seq_len=32)
+    ids, mask = prompts(2, 10)
+    ids, mask = ids.cuda(), mask.cuda()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+    got = lm(ids, attention_mask=mask)
+    real = mask.bool()
+    assert_matches(got[real], want[real])

@@ -78,8 +78,11 @@ class Guard:
             stream.wait_event(event)
 
     def _record_call(self, device: torch.device) -> None:
+        """Mark the end of this call's launches on its stream. One event per stream,
+        recorded again each call: a wait on it waits for the latest record."""
         stream = torch.cuda.current_stream(device)
-        event = torch.cuda.Event()
-        event.record(stream)
         with self._cond:
-            self._calls[stream] = event
+            event = self._calls.get(stream)
+            if event is None:
+                event = self._calls[stream] = torch.cuda.Event()
+            event.record(stream)

@@ -349,12 +349,46 @@ def _all_cuda(flat: list[Any]) -> bool:
 def _flatten(args: tuple[Any, ...], kwargs: dict[str, Any], state: RefitState) -> list[Any]:
     """The flat inputs of a call bound as the forward binds it (a keyword for a positional
     example, a default left out), refusing a call the compiled layout cannot take."""
+    layout = state.__dict__.get("_flat_layout")
+    if layout is None:
+        layout = state.__dict__["_flat_layout"] = _flat_layout(state.in_spec)
+    if (
+        layout
+        and len(args) == layout[0]
+        and len(kwargs) == len(layout[1])
+        and all(isinstance(a, torch.Tensor) for a in args)
+    ):  # the compiled layout itself, tensors only: nothing to bind (the per-call fast path)
+        try:
+            values = [kwargs[k] for k in layout[1]]
+        except KeyError:
+            values = None
+        if values is not None and all(isinstance(v, torch.Tensor) for v in values):
+            return [*args, *values]
     signature = state.call_signature()
     args, kwargs = bind(signature, state.in_spec, args, kwargs)
     flat, spec = pytree.tree_flatten((args, kwargs))
     if spec != state.in_spec:
         raise structure_error(signature, state.in_spec, args, kwargs)
     return flat
+
+
+def _flat_layout(spec: pytree.TreeSpec) -> tuple[int, tuple[str, ...]] | tuple[()]:
+    """(positional count, keyword names) when the compiled inputs are flat (each argument
+    one tensor or value), else (): calls of that layout skip binding."""
+    try:
+        positional, keywords = _children(spec)
+    except ValueError:
+        return ()
+    if not all(c.is_leaf() for c in [*_children(positional), *_children(keywords)]):
+        return ()
+    if positional.type is not tuple or keywords.type is not dict:
+        return ()
+    return positional.num_children, tuple(keywords.context or ())
+
+
+def _children(spec: pytree.TreeSpec) -> list[pytree.TreeSpec]:
+    children = getattr(spec, "children", None)  # torch >= 2.12; children_specs before
+    return list(children() if callable(children) else spec.children_specs)
 
 
 def _guard(name: str, x: Any, guard: InputGuard | None, cast_to: torch.dtype | None) -> Any:

@@ -1,0 +1,300 @@
+"""LLM generation: torchrefit's CompiledLM against transformers, side by side in one process.
+
+Model: a Llama-3.2-1B-shaped config (hidden 2048, 16 layers, 32 heads, 8 KV heads, vocab
+128256, tied embeddings) with random weights in bfloat16; `--tiny` runs the same rows on a
+tiny config (CPU smoke test). Rows:
+
+- bounds: the weights' bytes, one read of them (a reduction over a flat buffer of that size:
+  decode's per-token floor at batch 1) and one flat copy;
+- decode time per token at batch 1 and per step at batch 32 (32-token prompts, 128 new
+  tokens; the time of a whole `generate` over the new tokens): transformers eager
+  `generate`, transformers with its static cache (`cache_implementation="static"`, which it
+  compiles), torchrefit `compile_lm` with CUDA graphs;
+- prefill of 512-token prompts; compile time of `compile_lm` and the engine-cache hit;
+- refits of the whole model with `Refitter` from device tensors, `load_state_dict` and a
+  flat copy; an RL-shaped loop (batch 32, 256 new tokens, a refit, three times);
+- tokens checked: torchrefit's greedy tokens against transformers' (bfloat16 rounding may
+  part them after a while: the matching prefix is reported), before and after a refit.
+
+Writes a JSON file (--out) after every section, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import transformers
+
+import torchrefit
+
+
+def config(tiny: bool) -> transformers.LlamaConfig:
+    if tiny:
+        return transformers.LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024,
+            tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+        )  # fmt: skip
+    return transformers.LlamaConfig(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
+        rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=128000,
+        eos_token_id=128001,
+    )  # fmt: skip
+
+
+def build(cfg: transformers.LlamaConfig, device: str, dtype: torch.dtype, seed: int) -> Any:
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(cfg)
+    model = model.to(dtype).eval()
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def wall_s(fn: Callable[[], Any], device: str, repeat: int = 3) -> float:
+    """Median wall time of whole calls (each ends with a sync)."""
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        started = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def device_ms(fn: Callable[[], Any], device: str, iters: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    if device != "cuda":
+        return 1e3 * wall_s(lambda: [fn() for _ in range(iters)], device, 1) / iters
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def prompts(batch: int, length: int, vocab: int, device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(batch * 1000 + length)
+    return torch.randint(3, vocab, (batch, length), generator=g).to(device)
+
+
+def agreeing_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    differs = (a != b).any(dim=0).nonzero()
+    return int(differs[0]) if len(differs) else a.shape[1]
+
+
+class Run:
+    def __init__(self, out: str | None) -> None:
+        self.out = out
+        self.results: dict[str, Any] = {}
+
+    def section(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        started = time.perf_counter()
+        try:
+            self.results[name] = fn()
+        except Exception as exc:  # a section that fails leaves the others standing
+            self.results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+        self.results[name]["section_s"] = round(time.perf_counter() - started, 1)
+        print(name, json.dumps(self.results[name]), flush=True)
+        if self.out:
+            with open(self.out + ".tmp", "w") as f:
+                json.dump(self.results, f, indent=1)
+            os.replace(self.out + ".tmp", self.out)
+
+
+class LMBench:
+    """The rows, one method a section; the models and compiled LMs shared between them."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.skip = set(filter(None, args.skip.split(",")))
+        self.cfg = config(args.tiny)
+        self.prompt, self.new = args.prompt, args.new
+        self.model = build(self.cfg, self.device, self.dtype, seed=0)
+        self.trainer = build(self.cfg, self.device, self.dtype, seed=1)
+        self.cache_dir = tempfile.mkdtemp(prefix="torchrefit-lm-cache-")
+        self.lms: dict[str, Any] = {}
+
+    def machine(self) -> dict[str, Any]:
+        cuda = self.device == "cuda"
+        return {
+            "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "dtype": str(self.dtype),
+        }
+
+    def ids(self, batch: int, length: int) -> torch.Tensor:
+        return prompts(batch, length, self.cfg.vocab_size, self.device)
+
+    def long_lm(self) -> Any:
+        """The CompiledLM for 512-token prompts and 256-token rollouts."""
+        if "long" not in self.lms:
+            self.lms["long"] = torchrefit.compile_lm(self.model, max_batch_size=32, max_seq_len=544)
+        return self.lms["long"]
+
+    def greedy(self, model: Any, ids: torch.Tensor, new: int) -> torch.Tensor:
+        with torch.no_grad():
+            return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+
+    def bounds(self) -> dict[str, Any]:
+        nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        flat = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=self.device)
+        flat.normal_()
+        other = torch.empty_like(flat)
+        return {
+            "weight_bytes": nbytes,
+            "read_ms": device_ms(lambda: flat.sum(), self.device),
+            "flat_copy_ms": device_ms(lambda: other.copy_(flat), self.device),
+        }
+
+    def compile_times(self) -> dict[str, Any]:
+        def compile_lm() -> Any:
+            return torchrefit.compile_lm(
+                self.model, 32, self.prompt + self.new, cache_dir=self.cache_dir
+            )
+
+        started = time.perf_counter()
+        self.lms["decode"] = compile_lm()
+        cold = time.perf_counter() - started
+        started = time.perf_counter()
+        compile_lm()
+        return {"compile_lm_s": cold, "compile_lm_cache_hit_s": time.perf_counter() - started}
+
+    def decode(self, batch: int) -> dict[str, Any]:
+        ids, new, lm = self.ids(batch, self.prompt), self.new, self.lms["decode"]
+        lm.generate(ids, max_new_tokens=new)  # captures this batch size's CUDA graph
+        row: dict[str, Any] = {
+            "torchrefit_ms_per_token": 1e3
+            * wall_s(lambda: lm.generate(ids, max_new_tokens=new), self.device)
+            / new
+        }
+        reference = self.greedy(self.model, ids, new)
+        row["transformers_eager_ms_per_token"] = (
+            1e3 * wall_s(lambda: self.greedy(self.model, ids, new), self.device, 2) / new
+        )
+        got = lm.generate(ids, max_new_tokens=new)
+        row["greedy_prefix_agreeing_with_eager"] = agreeing_prefix(
+            got[:, self.prompt :], reference[:, self.prompt :]
+        )
+        if "static" not in self.skip and self.device == "cuda":
+            row.update(self.static(ids))
+        row["tokens_per_s_torchrefit"] = batch * 1e3 / row["torchrefit_ms_per_token"]
+        return row
+
+    def static(self, ids: torch.Tensor) -> dict[str, Any]:
+        """transformers' recipe: its static cache, which generate compiles."""
+
+        def static() -> Any:
+            with torch.no_grad():
+                return self.model.generate(
+                    ids, max_new_tokens=self.new, min_new_tokens=self.new, do_sample=False,
+                    cache_implementation="static",
+                )  # fmt: skip
+
+        started = time.perf_counter()
+        static()
+        first = time.perf_counter() - started
+        static()
+        return {
+            "transformers_static_first_call_s": first,
+            "transformers_static_ms_per_token": 1e3 * wall_s(static, self.device, 2) / self.new,
+        }
+
+    def prefill(self) -> dict[str, Any]:
+        lm, row = self.long_lm(), {}
+        for batch in (1, 8):
+            ids = self.ids(batch, 512)
+
+            def ours(ids: torch.Tensor = ids) -> Any:
+                return lm.generate(ids, max_new_tokens=1)
+
+            def eager(ids: torch.Tensor = ids) -> Any:
+                with torch.no_grad():
+                    return self.model(ids, logits_to_keep=1)
+
+            ours(), eager()
+            row[f"torchrefit_prefill_512_b{batch}_ms"] = 1e3 * wall_s(ours, self.device)
+            row[f"transformers_eager_forward_512_b{batch}_ms"] = 1e3 * wall_s(eager, self.device)
+        return row
+
+    def refits(self) -> dict[str, Any]:
+        lm = self.lms["decode"]
+        refit = torchrefit.Refitter(lm, self.trainer)
+        refit()
+        row: dict[str, Any] = {"refitter_device_ms": device_ms(refit, self.device, iters=10)}
+        twin = build(self.cfg, self.device, self.dtype, seed=2)
+        state = self.trainer.state_dict()
+        row["load_state_dict_ms"] = 1e3 * wall_s(lambda: twin.load_state_dict(state), self.device)
+        ids, new = self.ids(1, self.prompt), min(32, self.new)
+        got = lm.generate(ids, max_new_tokens=new)
+        want = self.greedy(self.trainer, ids, new)
+        row["after_refit_greedy_prefix_agreeing"] = agreeing_prefix(
+            got[:, self.prompt :], want[:, self.prompt :]
+        )
+        return row
+
+    def rl_loop(self) -> dict[str, Any]:
+        lm = self.long_lm()
+        refit = torchrefit.Refitter(lm, self.trainer)
+        ids = self.ids(32, self.prompt)
+        lm.generate(ids, max_new_tokens=256)
+        generate_s, refit_s = [], []
+        for _ in range(3):
+            with torch.no_grad():
+                for p in self.trainer.parameters():  # the trainer's step (not timed)
+                    p.add_(torch.randn_like(p), alpha=1e-3)
+            refit_s.append(wall_s(refit, self.device, 1))
+            generate_s.append(wall_s(lambda: lm.generate(ids, max_new_tokens=256), self.device, 1))
+        total = sum(generate_s) + sum(refit_s)
+        return {
+            "generate_s": generate_s,
+            "refit_ms": [1e3 * r for r in refit_s],
+            "refit_share_of_loop": sum(refit_s) / total,
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--skip", default="", help="sections to skip: static,prefill,rl")
+    args = parser.parse_args()
+    bench, run = LMBench(args), Run(args.out)
+    run.results["machine"] = bench.machine()
+    run.section("bounds", bench.bounds)
+    run.section("compile", bench.compile_times)
+    run.section("decode_b1", lambda: bench.decode(1))
+    run.section("decode_b32", lambda: bench.decode(32))
+    run.section("refit", bench.refits)
+    if "prefill" not in bench.skip:
+        run.section("prefill", bench.prefill)
+    if "rl" not in bench.skip:
+        run.section("rl_loop", bench.rl_loop)
+
+
+if __name__ == "__main__":
+    main()

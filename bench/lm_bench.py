@@ -22,6 +22,7 @@ Writes a JSON file (--out) after every section, so a run cut short keeps what it
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -222,6 +223,29 @@ class LMBench:
             "transformers_static_ms_per_token": 1e3 * wall_s(static, self.device, 2) / self.new,
         }
 
+    def accuracy(self) -> dict[str, Any]:
+        """Prefill logits of torchrefit and of transformers eager, both bfloat16, against the
+        same model in float32 (relative error of all logits; greedy tokens of random weights
+        part at near-ties, so tokens alone say little in bfloat16)."""
+        ids = self.ids(4, self.prompt)
+        reference = copy.deepcopy(self.model).float()
+        with torch.no_grad():
+            exact = reference(ids).logits.float()
+            eager = self.model(ids).logits.float()
+        ours = self.lms["decode"](ids).float()
+        del reference
+
+        def rel(x: torch.Tensor) -> float:
+            return float((x - exact).norm() / exact.norm())
+
+        return {
+            "torchrefit_bf16_logits_rel_error_vs_fp32": rel(ours),
+            "transformers_bf16_logits_rel_error_vs_fp32": rel(eager),
+            "torchrefit_vs_transformers_top1_agreement": float(
+                (ours.argmax(-1) == eager.argmax(-1)).float().mean()
+            ),
+        }
+
     def prefill(self) -> dict[str, Any]:
         lm, row = self.long_lm(), {}
         for batch in (1, 8):
@@ -244,6 +268,8 @@ class LMBench:
         refit = torchrefit.Refitter(lm, self.trainer)
         refit()
         row: dict[str, Any] = {"refitter_device_ms": device_ms(refit, self.device, iters=10)}
+        unchecked = torchrefit.Refitter(lm, self.trainer, check_finite=False)
+        row["refitter_device_unchecked_ms"] = device_ms(unchecked, self.device, iters=10)
         twin = build(self.cfg, self.device, self.dtype, seed=2)
         state = self.trainer.state_dict()
         row["load_state_dict_ms"] = 1e3 * wall_s(lambda: twin.load_state_dict(state), self.device)
@@ -289,6 +315,7 @@ def main() -> None:
     run.section("compile", bench.compile_times)
     run.section("decode_b1", lambda: bench.decode(1))
     run.section("decode_b32", lambda: bench.decode(32))
+    run.section("accuracy", bench.accuracy)
     run.section("refit", bench.refits)
     if "prefill" not in bench.skip:
         run.section("prefill", bench.prefill)

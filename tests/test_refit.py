@@ -300,6 +300,24 @@ def test_refitter_refuses_non_finite_folded_weights_and_changes_nothing() -> Non
     assert torch.equal(compiled(*x), before)
 
 
+def test_refitter_without_the_finiteness_check_copies_what_it_is_given() -> None:
+    """check_finite=False: the new values go in unread (a trainer known to be finite);
+    the default refuses the same values."""
+    case = CASES["mlp"]
+    a, b = case.build(0), case.build(1)
+    compiled = torchrefit.compile(a, case.inputs(), **EAGER)
+    unchecked = torchrefit.Refitter(compiled, b, check_finite=False)
+    unchecked()
+    x = case.inputs()
+    assert_matches(compiled(*x), run_eager(b, *x))
+    with torch.no_grad():
+        next(b.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(torchrefit.WeightValueError):
+        torchrefit.Refitter(compiled, b)()
+    unchecked()
+    assert torch.isnan(compiled(*x)).any()
+
+
 def test_safetensors_file_refit_and_damaged_files(tmp_path) -> None:
     from safetensors.torch import save_file
 

@@ -432,13 +432,10 @@ def _dtype_of(model: torch.nn.Module) -> torch.dtype:
 
 def _info(model: torch.nn.Module, step: _Step, batch: int, seq: int) -> LMInfo:
     config: Any = model.config
-    generation = getattr(model, "generation_config", None)
-    eos = getattr(generation, "eos_token_id", None) if generation is not None else None
-    if eos is None:
-        eos = getattr(config, "eos_token_id", None)
-    pad = getattr(generation, "pad_token_id", None) if generation is not None else None
-    if pad is None:
-        pad = getattr(config, "pad_token_id", None)
+    # transformers' generate reads the generation config (made from the model config)
+    source = getattr(model, "generation_config", None) or config
+    eos = getattr(source, "eos_token_id", None)
+    pad = getattr(source, "pad_token_id", None)
     vocab = model.get_output_embeddings().weight.shape[0]  # type: ignore[operator]
     keys = tuple(f"{_CACHE}.{n}{i}" for i in range(step.cache.layers) for n in ("k", "v"))
     return LMInfo(

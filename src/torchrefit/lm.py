@@ -68,6 +68,7 @@ class CompiledLM(CompiledModule):
         set serves a whole call: a refit started meanwhile waits for it to end."""
         _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
         batch, prompt = self._check_prompt(input_ids, attention_mask, max_new_tokens)
+        input_ids = input_ids.long()
         eos = self._eos(eos_token_id)
         pad = self._pad(pad_token_id, eos)
         device = input_ids.device
@@ -78,6 +79,7 @@ class CompiledLM(CompiledModule):
         zero = torch.zeros(1, dtype=torch.long, device=device)
         eos_t = torch.tensor(eos, device=device) if eos else None
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        ended = torch.full((batch,), max_new_tokens, device=device)  # the step of each EOS
         tokens = [input_ids]
         with self._torchrefit.guard.refit:
             logits = self._step(input_ids, positions, slots[:prompt], mask, last, graphs=False)
@@ -91,13 +93,20 @@ class CompiledLM(CompiledModule):
                 )
                 if eos_t is not None:
                     chosen = torch.where(finished, torch.full_like(chosen, pad), chosen)
-                    finished = finished | torch.isin(chosen, eos_t)
+                    newly = torch.isin(chosen, eos_t) & ~finished
+                    ended = torch.where(newly, step, ended)
+                    finished = finished | newly
                 tokens.append(chosen[:, None].to(input_ids.dtype))
-                if step == max_new_tokens - 1 or (eos_t is not None and bool(finished.all())):
+                if step == max_new_tokens - 1 or (
+                    # every few steps, one host sync: have all rows ended?
+                    eos_t is not None and step % _EOS_CHECK == _EOS_CHECK - 1 and finished.all()
+                ):
                     break
                 position = position + 1
                 slot = slots[prompt + step : prompt + step + 1]
                 logits = self._step(tokens[-1], position, slot, mask, zero, graphs=True)
+        if eos_t is not None and bool(finished.all()):  # as transformers: end at the last EOS
+            tokens = tokens[: 2 + int(ended.max())]
         return torch.cat(tokens, dim=1)
 
     # -- internals --------------------------------------------------------------------------
@@ -192,6 +201,9 @@ class CompiledLM(CompiledModule):
         if self.info.pad_token_id is not None:
             return self.info.pad_token_id
         return eos[0] if eos else 0  # as transformers does: finished rows repeat EOS
+
+
+_EOS_CHECK = 8  # decode steps between checks that every row has ended (each a host sync)
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:

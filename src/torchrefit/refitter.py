@@ -19,7 +19,15 @@ from .errors import TorchRefitError, WeightDtypeError, WeightShapeError
 from .module import CompiledModule, RefitState
 from .refit import refittable
 from .refit.commit import commit, commit_by, copy_plan
-from .refit.evaluate import Values, checked, evaluate, raise_nonfinite, tensors_flag, validate
+from .refit.evaluate import (
+    Values,
+    check_layout,
+    checked,
+    evaluate,
+    raise_nonfinite,
+    tensors_flag,
+    validate,
+)
 from .refit.match import Matched, fast
 from .refit.read import read
 from .weights import WeightStore
@@ -33,10 +41,23 @@ class Refitter:
     `weights` is an nn.Module or a state_dict; its tensors are bound once (by identity, not
     by name): after replacing a tensor object, make a new Refitter. Each call is all or
     nothing, like `refit_module_weights(..., in_place=True)`.
+
+    `check_finite=False` skips the NaN/inf check of the new values before a plain module's
+    copy (a full read of them, about half a copy's time): for trainers whose weights are
+    known finite. A double-buffered module checks what it wrote into its standby bank
+    either way, so it never serves a NaN.
     """
 
-    def __init__(self, compiled: CompiledModule, weights: Any, *, cuda_graph: bool = True) -> None:
+    def __init__(
+        self,
+        compiled: CompiledModule,
+        weights: Any,
+        *,
+        cuda_graph: bool = True,
+        check_finite: bool = True,
+    ) -> None:
         self.module = compiled
+        self.check_finite = check_finite
         self.state = refittable(compiled)
         if isinstance(weights, (str, os.PathLike)):
             raise TorchRefitError(
@@ -51,14 +72,17 @@ class Refitter:
         self._bound = _signature(self._originals)
         self._graphs: _Graphs | None = None
         if cuda_graph and self._capturable():
-            self._graphs = _Graphs(self.matched, self.state)
+            self._graphs = _Graphs(self.matched, self.state, check_finite)
 
     def __call__(self) -> None:
         self._check_bound()
         with self.state.guard.refit:
             if self._graphs is None:
                 values = evaluate(self.matched, self.state)
-                validate(values, self.state)
+                if self.check_finite or self.state.settings.double_buffer:
+                    validate(values, self.state)
+                else:
+                    check_layout(values, self.state)
                 commit(self.module, values, in_place=True)
             else:
                 self._graphs.run(self.module)
@@ -123,8 +147,8 @@ class _Graphs:
     per buffer a double-buffered module flips between), each captured as a CUDA graph over
     the bound tensors."""
 
-    def __init__(self, matched: Matched, state: RefitState) -> None:
-        self.matched, self.state = matched, state
+    def __init__(self, matched: Matched, state: RefitState, check_finite: bool) -> None:
+        self.matched, self.state, self.check_finite = matched, state, check_finite
         self.host_sources = any(not t.is_cuda for t in _tensors(matched).values())
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -137,19 +161,23 @@ class _Graphs:
         # pinned host weights copied as they are cannot be read inside a graph: the CPU checks
         # them before each copy (a double-buffered module checks them after, on the device)
         self.on_host = {k: v for k, v in checked(self.values).items() if not v.is_cuda}
+        if not check_finite:
+            self.on_host = {}
         # per target buffer: the copy plan (its tables must outlive the graph) and its graph
         self.copies: dict[int, tuple[Callable[[], None], torch.cuda.CUDAGraph]] = {}
         logger.info("refit of %d constants captured as CUDA graphs", len(self.values.tensors))
 
     def _compute(self) -> tuple[Values, torch.Tensor]:
         values = evaluate(self.matched, self.state)
+        if not self.check_finite:
+            return values, torch.ones((), dtype=torch.bool, device=self.state.store.device)
         on_device = {k: v for k, v in checked(values).items() if v.is_cuda}
         return values, tensors_flag(on_device, self.state.inf_allowed, self.state.store.device)
 
     def run(self, module: CompiledModule) -> None:
         state = self.state
         self.compute.replay()
-        if not state.settings.double_buffer:
+        if self.check_finite and not state.settings.double_buffer:
             host_ok = tensors_flag(self.on_host, state.inf_allowed, torch.device("cpu"))
             if not (bool(self.ok) and bool(host_ok)):  # the one host sync: nothing written yet
                 raise_nonfinite(self.values.tensors, self.values.sources, state)

@@ -43,7 +43,15 @@ lm.generate(ids, max_new_tokens=64)
 torch.cuda.synchronize()
 print("ms per token", 1e3 * (time.perf_counter() - started) / 64)
 cProfile.run("lm.generate(ids, max_new_tokens=64); torch.cuda.synchronize()", "/tmp/lm.prof")
-pstats.Stats("/tmp/lm.prof").sort_stats("tottime").print_stats(18)
+pstats.Stats("/tmp/lm.prof").sort_stats("cumtime").print_stats(25)
+activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+with torch.profiler.profile(activities=activities) as prof:
+    lm.generate(ids, max_new_tokens=64)
+    torch.cuda.synchronize()
+events = prof.key_averages()
+busy = sum(e.self_device_time_total for e in events) / 1e3
+print(f"GPU busy per token {busy / 64:.3f} ms")
+print(events.table(sort_by="self_device_time_total", row_limit=15))
 with torch.no_grad():
     want = model(ids).logits.float()
 got = lm(ids).float()

@@ -359,3 +359,16 @@ def test_cuda_bfloat16_logits_match_eager() -> None:
     got = lm(ids, attention_mask=mask)
     real = mask.bool()
     assert_matches(got[real], want[real])
+
+
+def test_rl_loop_example_runs(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """examples/rl_loop.py: generate, update, refit, generate; tokens follow the policy."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).parent.parent / "examples" / "rl_loop.py"
+    monkeypatch.setattr(sys, "argv", [str(example), "--rounds", "2"])
+    runpy.run_path(str(example), run_name="__main__")
+    out = capsys.readouterr().out
+    assert out.count("greedy tokens equal the trained policy's: True") == 2

@@ -28,33 +28,32 @@ def gpt2(seed: int = 0) -> torch.nn.Module:
     return transformers.GPT2LMHeadModel(config).eval()
 
 
+# what the Llama-family tiny configs share: 2 layers, 4 query heads of 16, random weights
+# large enough that greedy decoding says something
+_DECODER = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    vocab_size=VOCAB, max_position_embeddings=128, initializer_range=0.3, bos_token_id=1,
+    eos_token_id=2,
+)  # fmt: skip
+
+
 def llama(seed: int = 0, tied: bool = False, kv_heads: int = 2) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=kv_heads, vocab_size=VOCAB, max_position_embeddings=128,
-        initializer_range=0.3, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
+        num_key_value_heads=kv_heads, tie_word_embeddings=tied, **_DECODER
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
 def qwen2(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = transformers.Qwen2Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, vocab_size=VOCAB, max_position_embeddings=128,
-        initializer_range=0.3, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
+    config = transformers.Qwen2Config(num_key_value_heads=1, tie_word_embeddings=True, **_DECODER)
     return transformers.Qwen2ForCausalLM(config).eval()
 
 
 def mistral(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = transformers.MistralConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
-        initializer_range=0.3, sliding_window=6, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
+    config = transformers.MistralConfig(num_key_value_heads=2, sliding_window=6, **_DECODER)
     return transformers.MistralForCausalLM(config).eval()
 
 

@@ -371,3 +371,36 @@ def test_rl_loop_example_runs(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     runpy.run_path(str(example), run_name="__main__")
     out = capsys.readouterr().out
     assert out.count("greedy tokens equal the trained policy's: True") == 2
+
+
+def test_double_buffered_lm_refits_between_generations() -> None:
+    lm = torchrefit.compile_lm(llama(0), 2, 32, backend="eager", double_buffer=True)
+    ids, mask = prompts(2, 7)
+    for seed in (1, 2):
+        torchrefit.refit_module_weights(lm, llama(seed).state_dict(), in_place=True)
+        assert torch.equal(lm.generate(ids, mask, 8), reference(llama(seed), ids, mask,
+                                                              max_new_tokens=8))  # fmt: skip
+    torchrefit.Refitter(lm, llama(3))()
+    assert torch.equal(lm.generate(ids, mask, 8), reference(llama(3), ids, mask, max_new_tokens=8))
+
+
+def test_command_line_refit_and_verify_of_a_saved_lm(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    lm = torchrefit.compile_lm(llama(0), 2, 32, backend="eager")
+    torchrefit.save(lm, str(tmp_path / "lm.trf"))
+    new = llama(1)
+    safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in new.state_dict().items()}, str(tmp_path / "new.safetensors")
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "torchrefit.cli", "refit", str(tmp_path / "lm.trf"),
+         str(tmp_path / "new.safetensors"), "-o", str(tmp_path / "out.trf"), "--verify"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "verified" in result.stdout
+    out = torchrefit.load(str(tmp_path / "out.trf"))
+    ids, mask = prompts(2, 7)
+    assert torch.equal(out.generate(ids, mask, 8), reference(new, ids, mask, max_new_tokens=8))

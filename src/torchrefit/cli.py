@@ -263,8 +263,8 @@ def _save_checked(module: CompiledModule, output: str) -> float:
         reloaded = load(scratch)
         args, kwargs = _sample_inputs(module)
         with torch.no_grad():
-            expected = module(*_cloned(args), **_cloned(kwargs))
-            got = reloaded(*_cloned(args), **_cloned(kwargs))
+            expected = module.run_program(*_cloned(args), **_cloned(kwargs))
+            got = reloaded.run_program(*_cloned(args), **_cloned(kwargs))
         error = compare_outputs(got, expected)
         if error is not None:
             raise RefitVerificationError(

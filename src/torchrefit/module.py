@@ -449,6 +449,8 @@ def _check_shape(name: str, x: torch.Tensor, guard: InputGuard) -> None:
 
 def _check_equal_dims(flat: list[Any], guards: list[InputGuard], names: list[str]) -> None:
     """Dimensions exported with one Dim must agree, as the engines assume."""
+    if not any(g.dynamic for g in guards if g is not None):
+        return
     seen: dict[str, tuple[int, str, int]] = {}
     for x, guard, name in zip(flat, guards, names, strict=True):
         for d, dim in guard.dynamic.items():

@@ -84,8 +84,12 @@ class WeightStore:
 
     def holds(self, tensor: torch.Tensor) -> bool:
         """Whether `tensor` is a view of this store's memory."""
-        ptr = tensor.untyped_storage().data_ptr()
-        return any(ptr == arena.untyped_storage().data_ptr() for arena in self.arenas.values())
+        ptrs = self.__dict__.get("_arena_ptrs")
+        if ptrs is None or len(ptrs) != len(self.arenas):  # arenas are made once, at init
+            ptrs = self.__dict__["_arena_ptrs"] = frozenset(
+                arena.untyped_storage().data_ptr() for arena in self.arenas.values()
+            )
+        return tensor.untyped_storage().data_ptr() in ptrs
 
     def keys(self) -> list[str]:
         return list(self.tensors)

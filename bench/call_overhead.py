@@ -18,31 +18,13 @@ import argparse
 import json
 
 import torch
-from refit_bench import build, event_ms, inputs
+from refit_bench import build, capture_standalone, event_ms, inputs
 
 import torchrefit
 
 
 def recipe(model: torch.nn.Module, x: tuple[torch.Tensor, ...]) -> tuple[float, float]:
-    from torch._inductor import standalone_compile
-
-    ep = torch.export.export(model, x).run_decompositions()
-    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
-    weights = {**ep.state_dict, **ep.constants}
-    static = [t.clone() for t in x]
-    user = iter(static)
-    args = [
-        weights[s.target] if s.target is not None else next(user)
-        for s in ep.graph_signature.input_specs
-    ]
-    with torch.no_grad():
-        art = standalone_compile(ep.graph_module, [n.meta["val"] for n in placeholders])
-        for _ in range(3):
-            art(*args)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outputs = art(*args)
+    graph, static, outputs = capture_standalone(model, x)
 
     def with_copies() -> list[torch.Tensor]:
         for buffer, t in zip(static, x, strict=True):

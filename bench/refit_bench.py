@@ -201,12 +201,21 @@ def bench_model(
 def reference_standalone(model: torch.nn.Module, x: tuple[torch.Tensor, ...]) -> float:
     """The plain recipe on the same card: Inductor's standalone_compile of the exported graph
     with its weights as inputs, replayed as a CUDA graph (no torchrefit lowering)."""
+    graph, _, _ = capture_standalone(model, x)
+    return event_ms(graph.replay, "cuda")
+
+
+def capture_standalone(
+    model: torch.nn.Module, x: tuple[torch.Tensor, ...]
+) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor], list[torch.Tensor]]:
+    """That recipe's captured graph, its static input buffers and its outputs."""
     from torch._inductor import standalone_compile
 
     ep = torch.export.export(model, x).run_decompositions()
     placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
     weights = {**ep.state_dict, **ep.constants}
-    user = iter(x)
+    static = [t.clone() for t in x]
+    user = iter(static)
     args = [
         weights[s.target] if s.target is not None else next(user)
         for s in ep.graph_signature.input_specs
@@ -219,8 +228,8 @@ def reference_standalone(model: torch.nn.Module, x: tuple[torch.Tensor, ...]) ->
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            art(*args)
-    return event_ms(graph.replay, "cuda")
+            outputs = art(*args)
+    return graph, static, list(outputs)
 
 
 def _with_cuda_graphs(module: torchrefit.CompiledModule, device: str):

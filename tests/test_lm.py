@@ -358,6 +358,8 @@ def test_cuda_bfloat16_logits_match_eager() -> None:
     got = lm(ids, attention_mask=mask)
     real = mask.bool()
     assert_matches(got[real], want[real])
+    with pytest.raises(torchrefit.InputError, match="generator"):  # a CPU generator
+        lm.generate(ids, max_new_tokens=2, do_sample=True, generator=torch.Generator())
 
 
 def test_rl_loop_example_runs(monkeypatch: pytest.MonkeyPatch, capsys) -> None:

@@ -68,6 +68,11 @@ class CompiledLM(CompiledModule):
         set serves a whole call: a refit started meanwhile waits for it to end."""
         _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
         batch, prompt = self._check_prompt(input_ids, attention_mask, max_new_tokens)
+        if do_sample and generator is not None and generator.device != input_ids.device:
+            raise InputError(
+                f"generator is on {generator.device}, input_ids on {input_ids.device}; make "
+                f"the generator there: torch.Generator({str(input_ids.device)!r})."
+            )
         input_ids = input_ids.long()
         eos = self._eos(eos_token_id)
         pad = self._pad(pad_token_id, eos)

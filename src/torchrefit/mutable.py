@@ -17,7 +17,7 @@ import inspect
 import logging
 import threading
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,14 +222,10 @@ class MutableModule(torch.nn.Module):
                 return lm
         limits = (_bucket(batch, 1), _bucket(length + max_new_tokens, 64))
         logger.info("MutableModule: compiling a CompiledLM for (batch, positions) %s", limits)
-        lora = lora_trace(self.model)
-        with TRACING, recording(self.model) as record:
-            lm = compile_lm(self.model, *limits, settings=self._settings)
-        variant = _Variant(record.reads().without(lora.handled()), lora, None, lm)
+        variant = self._traced(lambda: compile_lm(self.model, *limits, settings=self._settings))
         self._lms.append(variant)
-        self.__dict__["compiles"] += 1
-        self._record(variant, self._weights(variant, modules))
-        return lm
+        assert isinstance(variant.compiled, CompiledLM)
+        return variant.compiled
 
     def _generate_uncompiled(
         self,
@@ -304,14 +300,23 @@ class MutableModule(torch.nn.Module):
         self, args: tuple, kwargs: dict, reason: str, replacing: _Variant | None = None
     ) -> _Variant:
         logger.info("MutableModule: compiling (%s)", reason)
-        lora = lora_trace(self.model)
-        with TRACING, recording(self.model) as record:
-            compiled = compile_model(self.model, args, kwargs or None, settings=self._settings)
-        reads = record.reads().without(lora.handled())
-        variant = _Variant(reads, lora, _input_signature(args, kwargs), compiled)
+        variant = self._traced(
+            lambda: compile_model(self.model, args, kwargs or None, settings=self._settings),
+            _input_signature(args, kwargs),
+        )
         if replacing in self._variants:
             self._variants.remove(replacing)
         self._variants.append(variant)
+        return variant
+
+    def _traced(
+        self, compile_fn: Callable[[], CompiledModule], inputs: tuple | None = None
+    ) -> _Variant:
+        """A variant from `compile_fn`, keyed by what its trace read, its weights recorded."""
+        lora = lora_trace(self.model)
+        with TRACING, recording(self.model) as record:
+            compiled = compile_fn()
+        variant = _Variant(record.reads().without(lora.handled()), lora, inputs, compiled)
         self.__dict__["compiles"] += 1
         self._record(variant, self._weights(variant, dict(self.model.named_modules())))
         return variant

@@ -60,9 +60,10 @@ def compile_lm(
             f"{settings.device}. Move the model first (model.to({settings.device!r}))."
         )
     with TRACING, _grouped_attention(model):
-        step = _Step(model, max_batch_size, max_seq_len, device)
-        program = _export(step, max_batch_size, max_seq_len, device)
-    compiled = compile_model(program, (), _examples(step, device), settings=settings)
+        step = _Step(model, max_batch_size, max_seq_len, device, dtype)
+        examples = _examples(max_seq_len, device)
+        program = _export(step, examples, max_batch_size, max_seq_len)
+    compiled = compile_model(program, (), examples, settings=settings)
     lm = CompiledLM(compiled, compiled.graph)  # the same engines, fallbacks and store
     lm._torchrefit = compiled._torchrefit
     lm._torchrefit.lm = _info(model, step, max_batch_size, max_seq_len)
@@ -73,21 +74,39 @@ def compile_lm(
 # -- the step -----------------------------------------------------------------------------
 
 
-class _Cache:
-    """What transformers' attention layers call on a cache: `update` writes the new keys and
-    values into their slots of the static buffers and returns the whole (batch rows of the)
-    cache to attend over. Not a transformers `Cache` subclass, on purpose: its mask helpers
-    then take the 4-D mask given as is."""
+class _CacheProtocol:
+    """What transformers' models ask of a cache besides `update`. Not a transformers `Cache`
+    subclass, on purpose: its mask helpers then take the 4-D mask given as is."""
 
     is_compileable = True
 
-    def __init__(self, holder: torch.nn.Module, layers: int, max_seq_len: int) -> None:
-        self.holder = holder
+    def __init__(self, layers: int, max_cache_len: int) -> None:
         self.layers = layers
-        self.max_cache_len = max_seq_len
+        self.max_cache_len = max_cache_len
         self.is_sliding = [False] * layers
         self.is_linear = [False] * layers
         self.is_dummy = [False] * layers
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions always come from position_ids
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def get_mask_sizes(self, *_: Any, **__: Any) -> tuple[int, int]:
+        return self.max_cache_len, 0
+
+    def __len__(self) -> int:
+        return self.layers
+
+
+class _Cache(_CacheProtocol):
+    """`update` writes the new keys and values into their slots of the static buffers and
+    returns the whole (batch rows of the) cache to attend over."""
+
+    def __init__(self, holder: torch.nn.Module, layers: int, max_seq_len: int) -> None:
+        super().__init__(layers, max_seq_len)
+        self.holder = holder
         self.slots: torch.Tensor | None = None  # cache positions of the new tokens
         self.rows: torch.Tensor | None = None  # batch rows of the call
         self.batch = 0
@@ -110,28 +129,13 @@ class _Cache:
         values[where] = value_states.transpose(1, 2).to(values.dtype)
         return keys[: self.batch], values[: self.batch]
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0  # positions always come from position_ids
 
-    def get_max_length(self) -> int:
-        return self.max_cache_len
-
-    def get_mask_sizes(self, *_: Any, **__: Any) -> tuple[int, int]:
-        return self.max_cache_len, 0
-
-    def __len__(self) -> int:
-        return self.layers
-
-
-class _Probe:
+class _Probe(_CacheProtocol):
     """A cache that records the key/value shape of each layer on a one-token run."""
 
     def __init__(self) -> None:
+        super().__init__(0, 1)
         self.shapes: dict[int, tuple[tuple[int, ...], tuple[int, ...], torch.dtype]] = {}
-        self.is_sliding: list[bool] = []
-        self.is_linear: list[bool] = []
-        self.is_dummy: list[bool] = []
-        self.is_compileable = True
 
     def update(
         self,
@@ -148,27 +152,25 @@ class _Probe:
         )
         return key_states, value_states
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
-
-    def get_mask_sizes(self, *_: Any, **__: Any) -> tuple[int, int]:
-        return 1, 0
-
 
 class _Step(torch.nn.Module):
     """forward(input_ids, position_ids, cache_position, attention_mask, logits_index) ->
     logits at `logits_index`; writes the tokens' keys and values into the cache."""
 
     def __init__(
-        self, model: torch.nn.Module, max_batch_size: int, max_seq_len: int, device: torch.device
+        self,
+        model: torch.nn.Module,
+        max_batch_size: int,
+        max_seq_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> None:
         super().__init__()
-        self.max_batch_size = max_batch_size
         object.__setattr__(self, "lm", model)  # not a child: its children are ours below
         self._parameters = model._parameters  # one dict: the model's names, no copy
         self._buffers = model._buffers
         holder = torch.nn.Module()
-        shapes = _probe(model, device)
+        shapes = _probe(model, device, dtype)
         for i, (k, v, dtype) in sorted(shapes.items()):
             for name, shape in (("k", k), ("v", v)):
                 full = (_rows(max_batch_size), shape[1], max_seq_len, shape[3])
@@ -182,11 +184,8 @@ class _Step(torch.nn.Module):
         self._modules = {**model._modules, _CACHE: holder}
         self.cache = _Cache(holder, len(shapes), max_seq_len)
         self.window = _sliding_window(model)
-        self.dtype = _dtype_of(model)
-        params = inspect.signature(model.forward).parameters
-        self.cache_arg = "cache" if "cache" in params else "past_key_values"
-        self.takes_cache_position = "cache_position" in params
-        self.takes_logits_to_keep = "logits_to_keep" in params
+        self.dtype = dtype
+        self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def forward(
         self,
@@ -199,19 +198,36 @@ class _Step(torch.nn.Module):
         self.cache.slots = cache_position
         self.cache.batch = input_ids.shape[0]
         self.cache.rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        kwargs: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": _mask(attention_mask, cache_position, self.dtype, self.window),
-            "position_ids": position_ids,
-            self.cache_arg: self.cache,
-            "use_cache": True,
-        }
-        if self.takes_cache_position:
-            kwargs["cache_position"] = cache_position
+        mask = _mask(attention_mask, cache_position, self.dtype, self.window)
+        kwargs = _model_call(self.__dict__["lm"], input_ids, position_ids, cache_position, mask,
+                             self.cache)  # fmt: skip
         if self.takes_logits_to_keep:
             kwargs["logits_to_keep"] = logits_index
         logits = self.__dict__["lm"](**kwargs).logits
         return logits if self.takes_logits_to_keep else logits[:, logits_index]
+
+
+def _model_call(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache_position: torch.Tensor,
+    mask: torch.Tensor,
+    cache: Any,
+) -> dict[str, Any]:
+    """The keyword arguments of a cached call of `model`, named as its transformers version
+    names them (`cache` or `past_key_values`; `cache_position` where it is taken)."""
+    params = inspect.signature(model.forward).parameters
+    kwargs: dict[str, Any] = {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "position_ids": position_ids,
+        "cache" if "cache" in params else "past_key_values": cache,
+        "use_cache": True,
+    }
+    if "cache_position" in params:
+        kwargs["cache_position"] = cache_position
+    return kwargs
 
 
 _ATTENTION = "torchrefit_grouped"
@@ -280,22 +296,13 @@ def _mask(
 
 
 def _probe(
-    model: torch.nn.Module, device: torch.device
+    model: torch.nn.Module, device: torch.device, dtype: torch.dtype
 ) -> dict[int, tuple[tuple[int, ...], tuple[int, ...], torch.dtype]]:
     """Key/value shapes per layer, from one token through the model."""
     probe = _Probe()
-    params = inspect.signature(model.forward).parameters
-    cache_arg = "cache" if "cache" in params else "past_key_values"
     ids = torch.zeros(1, 1, dtype=torch.long, device=device)
-    kwargs: dict[str, Any] = {
-        "input_ids": ids,
-        "position_ids": ids,
-        cache_arg: probe,
-        "use_cache": True,
-        "attention_mask": torch.zeros(1, 1, 1, 1, dtype=_dtype_of(model), device=device),
-    }
-    if "cache_position" in params:
-        kwargs["cache_position"] = ids[0]
+    mask = torch.zeros(1, 1, 1, 1, dtype=dtype, device=device)
+    kwargs = _model_call(model, ids, ids, ids[0], mask, probe)
     try:
         with torch.no_grad():
             model(**kwargs)
@@ -320,12 +327,11 @@ def _probe(
     return probe.shapes
 
 
-def _examples(step: _Step, device: torch.device) -> dict[str, torch.Tensor]:
+def _examples(seq: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Example inputs whose dynamic sizes differ from each other and from their bounds
     (batch 2, 5 tokens, logits of 3; at least 3 rows and 8 positions): sizes that are equal
     in the example may be taken for one symbol when compiled, a bound for a constant."""
     batch, tokens, keep = 2, 5, 3
-    seq = step.cache.max_cache_len
     ids = torch.zeros(batch, tokens, dtype=torch.long, device=device)
     slots = torch.arange(tokens, device=device)
     return {
@@ -338,7 +344,7 @@ def _examples(step: _Step, device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def _export(
-    step: _Step, max_batch_size: int, max_seq_len: int, device: torch.device
+    step: _Step, examples: dict[str, torch.Tensor], max_batch_size: int, max_seq_len: int
 ) -> torch.export.ExportedProgram:
     # the batch stays dynamic even for one row (a static size 1 trips torch.export's guard
     # function when the program is decomposed): the cache holds at least three rows
@@ -351,7 +357,6 @@ def _export(
         "attention_mask": {0: batch},
         "logits_index": {0: keep},
     }
-    examples = _examples(step, device)
     try:
         with torch.no_grad():
             return torch.export.export(step, (), examples, dynamic_shapes=dynamic, strict=False)

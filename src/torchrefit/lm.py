@@ -83,7 +83,6 @@ class CompiledLM(CompiledModule):
         last = torch.tensor([prompt - 1], device=device)
         zero = torch.zeros(1, dtype=torch.long, device=device)
         eos_t = torch.tensor(eos, device=device) if eos else None
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
         ended = torch.full((batch,), max_new_tokens, device=device)  # the step of each EOS
         tokens = [input_ids]
         with self._torchrefit.guard.refit:
@@ -97,21 +96,23 @@ class CompiledLM(CompiledModule):
                     else scores.argmax(dim=-1)
                 )
                 if eos_t is not None:
+                    finished = ended < max_new_tokens
                     chosen = torch.where(finished, torch.full_like(chosen, pad), chosen)
-                    newly = torch.isin(chosen, eos_t) & ~finished
-                    ended = torch.where(newly, step, ended)
-                    finished = finished | newly
+                    ended = torch.where(torch.isin(chosen, eos_t) & ~finished, step, ended)
                 tokens.append(chosen[:, None].to(input_ids.dtype))
                 if step == max_new_tokens - 1 or (
                     # every few steps, one host sync: have all rows ended?
-                    eos_t is not None and step % _EOS_CHECK == _EOS_CHECK - 1 and finished.all()
+                    eos_t is not None
+                    and step % _EOS_CHECK == _EOS_CHECK - 1
+                    and bool((ended < max_new_tokens).all())
                 ):
                     break
                 position = position + 1
                 slot = slots[prompt + step : prompt + step + 1]
                 logits = self._step(tokens[-1], position, slot, mask, zero, graphs=True)
-        if eos_t is not None and bool(finished.all()):  # as transformers: end at the last EOS
-            tokens = tokens[: 2 + int(ended.max())]
+        final = int(ended.max()) if eos_t is not None else max_new_tokens
+        if final < max_new_tokens:  # every row ended: as transformers, end at the last EOS
+            tokens = tokens[: 2 + final]
         return torch.cat(tokens, dim=1)
 
     # -- internals --------------------------------------------------------------------------

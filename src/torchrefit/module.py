@@ -228,7 +228,7 @@ class CompiledModule(fx.GraphModule):
     def run_program(self, *args: Any, **kwargs: Any) -> Any:
         """A call in the compiled program's own inputs: the same as calling the module,
         except for a CompiledLM, whose calls take token ids and this takes its step's."""
-        return self._run(args, kwargs, self._torchrefit.settings.cuda_graphs)
+        return CompiledModule.__call__(self, *args, **kwargs)
 
     def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any], graphs: bool) -> Any:
         """One call; `graphs`: replay it as a CUDA graph (captured once per input shape)."""

@@ -79,10 +79,8 @@ class Refitter:
         with self.state.guard.refit:
             if self._graphs is None:
                 values = evaluate(self.matched, self.state)
-                if self.check_finite or self.state.settings.double_buffer:
-                    validate(values, self.state)
-                else:
-                    check_layout(values, self.state)
+                # without the check, what validate does for a double-buffered module
+                (validate if self.check_finite else check_layout)(values, self.state)
                 commit(self.module, values, in_place=True)
             else:
                 self._graphs.run(self.module)
@@ -160,9 +158,9 @@ class _Graphs:
             self.values, self.ok = self._compute()  # the graph writes here: keep the memory ours
         # pinned host weights copied as they are cannot be read inside a graph: the CPU checks
         # them before each copy (a double-buffered module checks them after, on the device)
-        self.on_host = {k: v for k, v in checked(self.values).items() if not v.is_cuda}
-        if not check_finite:
-            self.on_host = {}
+        self.on_host = (
+            {k: v for k, v in checked(self.values).items() if not v.is_cuda} if check_finite else {}
+        )
         # per target buffer: the copy plan (its tables must outlive the graph) and its graph
         self.copies: dict[int, tuple[Callable[[], None], torch.cuda.CUDAGraph]] = {}
         logger.info("refit of %d constants captured as CUDA graphs", len(self.values.tensors))

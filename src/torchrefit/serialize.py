@@ -16,6 +16,7 @@ import re
 import sys
 import zipfile
 import zlib
+from collections.abc import Collection
 from typing import Any, BinaryIO
 
 import torch
@@ -417,7 +418,7 @@ def _state_from_json(
     data: dict[str, Any],
     tensors: dict[str, torch.Tensor],
     stripped: set[str],
-    scratch: set[str] = frozenset(),  # type: ignore[assignment]
+    scratch: Collection[str] = (),
 ) -> RefitState:
     specs = {s["fqn"]: WeightSpec.from_json(s) for s in data["specs"]}
     lineage = {k: Lineage.from_json(v) for k, v in data["lineage"].items()}

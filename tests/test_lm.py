@@ -105,6 +105,57 @@ def test_inductor_engines_give_the_same_tokens() -> None:
     assert torch.equal(lm.generate(ids, attention_mask=mask, max_new_tokens=12), want)
 
 
+def _count_variant_calls(engine: torch.nn.Module) -> dict[int, int]:
+    """Calls of each decode variant, by its batch size (the rows of its attention mask)."""
+    calls: dict[int, int] = {}
+    for key, variant in engine.variants.items():
+        rows = key[1][1][0]
+        calls[rows] = 0
+
+        def counted(*xs, run=variant.runner, rows=rows):
+            calls[rows] += 1
+            return run(*xs)
+
+        variant.runner = counted
+    return calls
+
+
+def test_decode_variants_run_their_steps_and_follow_refits_files_and_the_cache(tmp_path) -> None:
+    """Engines compiled for exact decode shapes (batch 1 and 3) run those steps, batch 2 the
+    general engine; tokens stay transformers' after a refit, a save and load, a cache hit."""
+    model, trainer = llama(), llama(seed=5)
+    cache = str(tmp_path / "cache")
+    lm = torchrefit.compile_lm(
+        model, max_batch_size=3, max_seq_len=32, decode_batch_sizes=[3, 1], cache_dir=cache
+    )
+    (engine,) = lm.engines().values()
+    assert sorted(key[1][1][0] for key in engine.variants) == [1, 3]
+    path = str(tmp_path / "lm.trf")
+    torchrefit.save(lm, path)
+    calls = _count_variant_calls(engine)
+    cases = [prompts(batch, 9) for batch in (1, 2, 3)]
+    for ids, mask in cases:
+        want = reference(model, ids, mask, max_new_tokens=6)
+        assert torch.equal(lm.generate(ids, attention_mask=mask, max_new_tokens=6), want)
+    assert calls == {1: 5, 3: 5}  # the decode steps of batches 1 and 3, never a prefill
+    torchrefit.refit_module_weights(lm, trainer.state_dict(), in_place=True)
+    for ids, mask in cases:
+        want = reference(trainer, ids, mask, max_new_tokens=6)
+        assert torch.equal(lm.generate(ids, attention_mask=mask, max_new_tokens=6), want)
+    assert calls == {1: 10, 3: 10}
+    hit = torchrefit.compile_lm(
+        model, max_batch_size=3, max_seq_len=32, decode_batch_sizes=(1, 3), cache_dir=cache
+    )
+    for loaded in (torchrefit.load(path), hit):
+        (engine,) = loaded.engines().values()
+        assert engine.__dict__["source"] is None and len(engine.variants) == 2  # not compiled
+        calls = _count_variant_calls(engine)
+        for ids, mask in cases:
+            want = reference(model, ids, mask, max_new_tokens=6)
+            assert torch.equal(loaded.generate(ids, attention_mask=mask, max_new_tokens=6), want)
+        assert calls == {1: 5, 3: 5}
+
+
 def test_generation_stops_per_row_at_eos_and_pads_after() -> None:
     model = gpt2()
     lm = torchrefit.compile_lm(model, max_batch_size=3, max_seq_len=40, backend="eager")
@@ -283,6 +334,9 @@ def test_mutable_module_generate_options_it_cannot_run_warn_once() -> None:
 
 
 def test_bad_calls_are_typed_errors() -> None:
+    for sizes in [(0,), (3,), "1", (1.0,)]:
+        with pytest.raises(torchrefit.SettingsError, match="decode_batch_sizes"):
+            torchrefit.compile_lm(gpt2(), 2, 16, decode_batch_sizes=sizes, backend="eager")
     lm = torchrefit.compile_lm(gpt2(), max_batch_size=2, max_seq_len=16, backend="eager")
     ids, mask = prompts(2, 6)
     with pytest.raises(torchrefit.InputError, match="max_batch_size"):

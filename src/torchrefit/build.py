@@ -144,7 +144,9 @@ def _build_engine(
         len(weights),
         time.perf_counter() - started,
     )
-    return Engine(backend.name, runner, [k for _, k in weights], single)
+    engine = Engine(backend.name, runner, [k for _, k in weights], single)
+    engine.__dict__["source"] = gm  # to compile variants for exact shapes (specialize.py)
+    return engine
 
 
 def _contiguous(val: Any) -> Any:

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch.export import ExportedProgram
 
 from .build import build, program_device
@@ -19,6 +20,7 @@ from .lower import LoweringContext, lower
 from .module import CompiledModule
 from .partition import Capability, partition
 from .settings import Settings
+from .specialize import Call, specialize
 
 logger = logging.getLogger("torchrefit")
 
@@ -37,15 +39,35 @@ def compile(
         return _compile(model, arg_inputs, kwarg_inputs, settings)
 
 
+def compile_with_variants(
+    model: torch.nn.Module | ExportedProgram,
+    arg_inputs: tuple[Any, ...],
+    kwarg_inputs: dict[str, Any] | None,
+    settings: Settings,
+    exact: list[Call],
+) -> CompiledModule:
+    """`compile`, and engine variants for the exact shapes of the `exact` calls (specialize.py),
+    cached with the engines."""
+    with TRACING:
+        return _compile(model, arg_inputs, kwarg_inputs, settings, exact)
+
+
 def _compile(
     model: torch.nn.Module | ExportedProgram,
     arg_inputs: tuple[Any, ...],
     kwarg_inputs: dict[str, Any] | None,
     settings: Settings,
+    exact: list[Call] | None = None,
 ) -> CompiledModule:
     started = time.perf_counter()
     source = export_model(model, arg_inputs, kwarg_inputs)
-    key = "|".join([source_fingerprint(source, settings.engine_key()), *dynamic_ranges(source)])
+    key = "|".join(
+        [
+            source_fingerprint(source, settings.engine_key()),
+            *dynamic_ranges(source),
+            *(_shapes(call) for call in exact or []),
+        ]
+    )
     cache = EngineCache.open(settings, key, _target_device(source, settings))
     cached = cache.load(weights=source) if cache is not None else None
     if cached is not None:
@@ -57,6 +79,8 @@ def _compile(
         lowered.gm, settings, Capability(settings.torch_executed_ops, backend.supports)
     )
     compiled = build(source, program, lowered, parts, backend, settings)
+    if exact:
+        specialize(compiled, exact)
     logger.info(
         "compiled %d engine(s) in %.1f s", len(compiled.engines()), time.perf_counter() - started
     )
@@ -75,10 +99,18 @@ def _with_signature(
     return compiled
 
 
+def _shapes(call: Call) -> str:
+    """An exact call in the cache key: the shapes and dtypes of its tensors."""
+    leaves = pytree.tree_leaves(call)
+    return "exact " + ",".join(
+        f"{x.dtype}{list(x.shape)}" if isinstance(x, torch.Tensor) else repr(x) for x in leaves
+    )
+
+
 def _target_device(source: ExportedProgram, settings: Settings) -> torch.device:
     if settings.device is not None:
         return torch.device(settings.device)
     return program_device(source)
 
 
-__all__ = ["compile"]
+__all__ = ["compile", "compile_with_variants"]

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.export import Dim
 
-from .compile import compile as compile_model
+from .compile import compile_with_variants
 from .errors import ExportError, SettingsError, UnsupportedGraphError
 from .export import TRACING
 from .lm import CompiledLM
@@ -35,16 +35,23 @@ def compile_lm(
     max_batch_size: int,
     max_seq_len: int,
     *,
+    decode_batch_sizes: Sequence[int] | None = None,
     settings: Settings | None = None,
     **overrides: Any,
 ) -> CompiledLM:
     """Compile a transformers causal LM (GPT-2, Llama, Qwen2, Mistral families) into a
     `CompiledLM`: prefill and decode over one static KV cache of `max_batch_size` rows and
     `max_seq_len` positions. The model is compiled in its own dtype and on its own device;
-    `cuda_graphs` defaults to True there when that device is a GPU."""
+    `cuda_graphs` defaults to True there when that device is a GPU.
+
+    `decode_batch_sizes`: batch sizes whose one-token decode step gets engines compiled for
+    exactly that shape (on a GPU, batch-1 matrix-vector products become fused, tuned
+    reductions); other batch sizes decode with the general engines. Default: (1,) on a GPU,
+    none on a CPU (where it gains nothing). Each adds to the compile time."""
     _check_limits(max_batch_size, max_seq_len)
     _check_model(model)
     device = _device_of(model)
+    sizes = _decode_sizes(decode_batch_sizes, max_batch_size, device)
     if "cuda_graphs" not in overrides and settings is None:
         overrides["cuda_graphs"] = device.type == "cuda"
     settings = Settings.from_overrides(settings, **overrides)
@@ -63,7 +70,8 @@ def compile_lm(
         step = _Step(model, max_batch_size, max_seq_len, device, dtype)
         examples = _examples(max_seq_len, device)
         program = _export(step, examples, max_batch_size, max_seq_len)
-    compiled = compile_model(program, (), examples, settings=settings)
+    exact = [((), _decode_inputs(b, max_seq_len, device)) for b in sizes]
+    compiled = compile_with_variants(program, (), examples, settings, exact)
     lm = CompiledLM(compiled, compiled.graph)  # the same engines, fallbacks and store
     lm._torchrefit = compiled._torchrefit
     lm._torchrefit.lm = _info(model, step, max_batch_size, max_seq_len)
@@ -341,6 +349,38 @@ def _examples(seq: int, device: torch.device) -> dict[str, torch.Tensor]:
         "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device),
         "logits_index": torch.arange(tokens - keep, tokens, device=device),
     }
+
+
+def _decode_inputs(batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The inputs of a one-token decode step of `batch` rows, laid out as generate makes them."""
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    one = torch.zeros(1, dtype=torch.long, device=device)
+    return {
+        "input_ids": ids,
+        "position_ids": ids.clone(),
+        "cache_position": one,
+        "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device),
+        "logits_index": one.clone(),
+    }
+
+
+def _decode_sizes(
+    sizes: Sequence[int] | None, max_batch_size: int, device: torch.device
+) -> tuple[int, ...]:
+    if sizes is None:
+        return (1,) if device.type == "cuda" else ()
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence):
+        raise SettingsError(
+            f"decode_batch_sizes is {sizes!r}; give a sequence of batch sizes, e.g. (1, 8)."
+        )
+    bad: list[Any] = [b for b in sizes if isinstance(b, bool) or not isinstance(b, int)]
+    bad += [b for b in sizes if b not in bad and not 1 <= b <= max_batch_size]
+    if bad:
+        raise SettingsError(
+            f"decode_batch_sizes holds {bad!r}; each must be an int from 1 to max_batch_size "
+            f"({max_batch_size})."
+        )
+    return tuple(sorted(set(sizes)))
 
 
 def _export(

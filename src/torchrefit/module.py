@@ -20,9 +20,22 @@ from .lower.context import Lineage
 from .settings import Settings
 from .weights import WeightProgram, WeightStore
 
+Signature = tuple[Any, ...]  # per activation: (dtype, shape, stride), or ("value", v)
+
+
+@dataclass
+class Variant:
+    """An engine compiled again for one exact signature of its activations."""
+
+    runner: Runner
+    artifact: bytes | None = None  # the runner's bytes, once dumped
+
 
 class Engine(torch.nn.Module):
-    """One compiled partition. Its constants are tensors of the weight store, read in place."""
+    """One compiled partition. Its constants are tensors of the weight store, read in place.
+
+    `variants` are the partition compiled for exact activation shapes (a decoder's one-token
+    step): a call whose activations match one runs it, any other the general runner."""
 
     def __init__(
         self,
@@ -31,6 +44,7 @@ class Engine(torch.nn.Module):
         constant_keys: list[str],
         single_output: bool,
         artifact: bytes | None = None,
+        variants: dict[Signature, Variant] | None = None,
     ) -> None:
         super().__init__()
         self.backend = backend
@@ -38,7 +52,12 @@ class Engine(torch.nn.Module):
         self.constant_keys = constant_keys
         self.single_output = single_output
         self.artifact = artifact  # the runner's bytes, once dumped
+        self.variants: dict[Signature, Variant] = dict(variants or {})
         self._constants: list[torch.Tensor] = []
+        # the partition's graph, to compile variants from (not saved: a loaded engine has
+        # the variants its file holds); outside __setattr__, so not a child module
+        self.__dict__["source"] = None
+        self.__dict__["recorded"] = None  # while specializing: the activations of each call
 
     def bind(self, store: WeightStore) -> None:
         self._constants = [store[k] for k in self.constant_keys]
@@ -46,12 +65,35 @@ class Engine(torch.nn.Module):
     def constants(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.constant_keys, self._constants, strict=True))
 
-    def forward(self, *activations: torch.Tensor) -> Any:
-        outputs = self.runner(*self._constants, *activations)
+    def forward(self, *activations: Any) -> Any:
+        runner = self.runner
+        if self.variants:
+            variant = self.variants.get(signature(activations))
+            if variant is not None:
+                runner = variant.runner
+        if self.__dict__["recorded"] is not None:
+            self.__dict__["recorded"].append(activations)
+        outputs = runner(*self._constants, *activations)
         return outputs[0] if self.single_output else tuple(outputs)
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend}, constants={len(self.constant_keys)}"
+        variants = f", variants={len(self.variants)}" if self.variants else ""
+        return f"backend={self.backend}, constants={len(self.constant_keys)}{variants}"
+
+
+def signature(activations: tuple[Any, ...] | list[Any]) -> Signature:
+    """What a variant is compiled for: each tensor's dtype, shape and strides, each other
+    input's value. Computed on every call of an engine that has variants (microseconds)."""
+    return tuple(
+        (x.dtype, tuple(x.shape), _strides(x)) if isinstance(x, torch.Tensor) else ("value", x)
+        for x in activations
+    )
+
+
+def _strides(x: torch.Tensor) -> tuple[int, ...]:
+    """Strides of dimensions of more than one element: a size-1 dimension's stride is never
+    used to address (and compiled engines do not check it)."""
+    return tuple(s if n > 1 else 0 for n, s in zip(x.shape, x.stride(), strict=True))
 
 
 class Fallback(fx.GraphModule):
@@ -304,6 +346,7 @@ def clone_module(module: CompiledModule, store: WeightStore) -> CompiledModule:
                 child.constant_keys,
                 child.single_output,
                 child.artifact,
+                child.variants,
             )
         else:
             assert isinstance(child, Fallback)

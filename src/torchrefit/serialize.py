@@ -40,6 +40,8 @@ from .module import (
     InputGuard,
     LMInfo,
     RefitState,
+    Signature,
+    Variant,
     make_fallback,
 )
 from .settings import BACKENDS, Settings
@@ -298,9 +300,21 @@ def _children_to_json(module: CompiledModule) -> tuple[list[dict[str, Any]], dic
     children, artifacts = [], {}
     for name, child in module.named_children():
         if isinstance(child, Engine):
+            backend = get_backend(child.backend)
             if child.artifact is None:
-                child.artifact = get_backend(child.backend).dump(child.runner)
+                child.artifact = backend.dump(child.runner)
             artifacts[name] = child.artifact
+            variants = []
+            for i, (key, variant) in enumerate(child.variants.items()):
+                if variant.artifact is None:
+                    variant.artifact = backend.dump(variant.runner)
+                artifacts[f"{name}.variant{i}"] = variant.artifact
+                variants.append(
+                    {
+                        "signature": _signature_to_json(key),
+                        "sha256": hashlib.sha256(variant.artifact).hexdigest(),
+                    }
+                )
             children.append(
                 {
                     "name": name,
@@ -309,6 +323,7 @@ def _children_to_json(module: CompiledModule) -> tuple[list[dict[str, Any]], dic
                     "constant_keys": child.constant_keys,
                     "single_output": child.single_output,
                     "sha256": hashlib.sha256(child.artifact).hexdigest(),
+                    "variants": variants,
                 }
             )
         elif isinstance(child, Fallback):
@@ -344,17 +359,55 @@ def _child_from_json(
         return make_fallback(graph, keys)
     if data["kind"] != "engine" or data["backend"] not in BACKENDS:
         raise SerializationError(f"{path!r}: child {data['name']!r} is of unknown kind or backend.")
-    settings = state.settings
-    artifact = _member(archive, f"engines/{data['name']}.bin", path)
+    backend = get_backend(data["backend"], dict(state.settings.inductor_options))
+    name = data["name"]
+    artifact = _artifact(archive, name, data["sha256"], path)
+    variants = {}
+    for i, variant in enumerate(data.get("variants", [])):
+        code = _artifact(archive, f"{name}.variant{i}", variant["sha256"], path)
+        variants[_signature_from_json(variant["signature"], path)] = Variant(
+            backend.load(code), code
+        )
+    runner = backend.load(artifact)
+    return Engine(data["backend"], runner, keys, bool(data["single_output"]), artifact, variants)
+
+
+def _artifact(archive: zipfile.ZipFile, name: str, sha256: Any, path: str) -> bytes:
+    """An engine's (or variant's) code, checked against the SHA-256 its metadata records."""
+    artifact = _member(archive, f"engines/{name}.bin", path)
     digest = hashlib.sha256(artifact).hexdigest()
-    if digest != data["sha256"]:
+    if digest != sha256:
         raise SerializationError(
-            f"Engine {data['name']!r} in {path!r} has SHA-256 {digest}, but the metadata records "
-            f"{data['sha256']}. The file was changed or corrupted; engine artifacts are code, "
+            f"Engine {name!r} in {path!r} has SHA-256 {digest}, but the metadata records "
+            f"{sha256}. The file was changed or corrupted; engine artifacts are code, "
             "so torchrefit refuses to load it. Save the module again from its source."
         )
-    runner = get_backend(data["backend"], dict(settings.inductor_options)).load(artifact)
-    return Engine(data["backend"], runner, keys, bool(data["single_output"]), artifact)
+    return artifact
+
+
+def _signature_to_json(key: Signature) -> list[Any]:
+    return [
+        ["value", k[1]] if k[0] == "value" else [str(k[0]).removeprefix("torch."), *k[1:]]
+        for k in key
+    ]
+
+
+def _signature_from_json(data: Any, path: str) -> Signature:
+    """A variant's activation signature: (dtype, shape, strides) per tensor, or a value."""
+    key: list[Any] = []
+    for entry in data:
+        if entry[0] == "value":
+            if not isinstance(entry[1], (int, float, bool, str, type(None))):
+                raise SerializationError(f"{path!r}: a variant signature holds {entry[1]!r}.")
+            key.append(("value", entry[1]))
+            continue
+        dtype = getattr(torch, entry[0], None) if isinstance(entry[0], str) else None
+        shape, strides = entry[1], entry[2]
+        ints = all(isinstance(n, int) and not isinstance(n, bool) for n in [*shape, *strides])
+        if not isinstance(dtype, torch.dtype) or not ints or len(shape) != len(strides):
+            raise SerializationError(f"{path!r}: a variant signature entry {entry!r} is malformed.")
+        key.append((dtype, tuple(shape), tuple(strides)))
+    return tuple(key)
 
 
 def open_file(path: str) -> tuple[zipfile.ZipFile, dict[str, Any]]:

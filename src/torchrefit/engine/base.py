@@ -22,6 +22,10 @@ class Backend(Protocol):
     def build(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Runner:
         """Compile `gm` (placeholders: constants first, then activations; returns a tuple)."""
 
+    def specialize(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Runner | None:
+        """`gm` compiled for exactly the shapes of `example_inputs` (real tensors), or None
+        where that gains nothing over `build`."""
+
     def dump(self, runner: Runner) -> bytes:
         """The runner as bytes, for save()."""
 

@@ -21,6 +21,9 @@ class EagerBackend:
     def build(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Runner:
         return fx.GraphModule(torch.nn.Module(), gm.graph)
 
+    def specialize(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Runner | None:
+        return None  # op by op, one shape runs as any other
+
     def dump(self, runner: Runner) -> bytes:
         assert isinstance(runner, fx.GraphModule)
         return json.dumps(graph_to_json(runner.graph)).encode()

@@ -15,6 +15,10 @@ import torch.fx as fx
 
 from .base import Runner, data_dependent
 
+# Inductor options of engines compiled for one exact shape (`specialize`); a user's
+# `Settings.inductor_options` take precedence
+STATIC_OPTIONS: dict[str, Any] = {"coordinate_descent_tuning": True}
+
 
 class InductorBackend:
     name = "inductor"
@@ -37,6 +41,21 @@ class InductorBackend:
                 example_inputs,
                 dynamic_shapes="from_graph",
                 options={"config_patches": dict(self.options)} if self.options else None,
+            )
+
+    def specialize(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Runner | None:
+        """Every size a constant: on a GPU, Inductor then turns products with one row (a
+        decode step's matrix-vector products) into reductions it fuses with their neighbours
+        and tunes by coordinate descent, as gpt-fast compiles decoding."""
+        from torch._inductor import standalone_compile
+
+        options = {**STATIC_OPTIONS, **self.options}
+        with torch.no_grad():
+            return standalone_compile(
+                gm,
+                example_inputs,
+                dynamic_shapes="from_example_inputs",
+                options={"config_patches": options},
             )
 
     def dump(self, runner: Runner) -> bytes:

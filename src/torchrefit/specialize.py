@@ -1,0 +1,82 @@
+"""Engines compiled again for exact input shapes (a decoder's one-token step).
+
+A dynamic engine serves every shape its Dims allow, with sizes as symbols: a matrix product
+stays a library call whatever its size. For a hot shape, one call with example inputs runs
+with each engine noting its activations; each engine then gets a variant compiled for
+exactly those (`Backend.specialize`), which later calls of that signature run. A variant
+reads the same constants as its engine, so refits, double buffering and CUDA graphs see it
+as the engine itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from .engine import get_backend
+from .module import CompiledModule, Engine, Variant, signature
+
+logger = logging.getLogger("torchrefit")
+
+Call = tuple[tuple[Any, ...], dict[str, Any]]  # (args, kwargs) of one call
+
+
+def specialize(module: CompiledModule, calls: list[Call]) -> int:
+    """Variants of `module`'s engines for the activations each of `calls` gives them; the
+    number compiled. State the calls write (a KV cache, a counter) is restored after."""
+    state = module._torchrefit
+    engines = module.engines()
+    written = [k for k, lineage in state.lineage.items() if lineage.kind == "state"]
+    kept = {k: state.store[k].clone() for k in written}
+    made = 0
+    try:
+        for args, kwargs in calls:
+            for activations, engine in _recorded(module, engines, args, kwargs):
+                made += _add_variant(engine, activations, state.settings.inductor_options)
+    finally:
+        with torch.no_grad():
+            for key, value in kept.items():
+                state.store[key].copy_(value)
+    return made
+
+
+def _recorded(
+    module: CompiledModule, engines: dict[str, Engine], args: tuple[Any, ...], kwargs: dict
+) -> list[tuple[tuple[Any, ...], Engine]]:
+    """One call of `module`; the activations each engine was called with."""
+    for engine in engines.values():
+        engine.__dict__["recorded"] = []
+    try:
+        with torch.no_grad():
+            module._run(args, kwargs, graphs=False)
+        return [(acts, e) for e in engines.values() for acts in e.__dict__["recorded"]]
+    finally:
+        for engine in engines.values():
+            engine.__dict__["recorded"] = None
+
+
+def _add_variant(
+    engine: Engine, activations: tuple[Any, ...], options: tuple[tuple[str, Any], ...]
+) -> int:
+    key = signature(activations)
+    source = engine.__dict__["source"]
+    if key in engine.variants or source is None:  # a loaded engine keeps its file's variants
+        return 0
+    started = time.perf_counter()
+    examples = [*engine.constants().values(), *activations]
+    runner = get_backend(engine.backend, dict(options)).specialize(source, examples)
+    if runner is None:
+        return 0
+    engine.variants[key] = Variant(runner)
+    logger.info("compiled a variant for %s in %.1f s", _shown(key), time.perf_counter() - started)
+    return 1
+
+
+def _shown(key: tuple[Any, ...]) -> str:
+    return ", ".join(f"{list(k[1])}" if isinstance(k[0], torch.dtype) else repr(k[1]) for k in key)
+
+
+__all__ = ["Call", "specialize"]

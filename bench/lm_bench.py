@@ -132,6 +132,11 @@ class LMBench:
         self.skip = set(filter(None, args.skip.split(",")))
         self.cfg = config(args.tiny)
         self.prompt, self.new = args.prompt, args.new
+        self.decode_sizes = (
+            None
+            if args.decode_sizes is None
+            else [int(b) for b in args.decode_sizes.split(",") if b]
+        )
         self.model = build(self.cfg, self.device, self.dtype, seed=0)
         self.trainer = build(self.cfg, self.device, self.dtype, seed=1)
         self.cache_dir = tempfile.mkdtemp(prefix="torchrefit-lm-cache-")
@@ -173,15 +178,22 @@ class LMBench:
     def compile_times(self) -> dict[str, Any]:
         def compile_lm() -> Any:
             return torchrefit.compile_lm(
-                self.model, 32, self.prompt + self.new, cache_dir=self.cache_dir
-            )
+                self.model, 32, self.prompt + self.new, cache_dir=self.cache_dir,
+                decode_batch_sizes=self.decode_sizes,
+            )  # fmt: skip
 
         started = time.perf_counter()
         self.lms["decode"] = compile_lm()
         cold = time.perf_counter() - started
         started = time.perf_counter()
         compile_lm()
-        return {"compile_lm_s": cold, "compile_lm_cache_hit_s": time.perf_counter() - started}
+        (engine,) = self.lms["decode"].engines().values()
+        return {
+            "compile_lm_s": cold,
+            "compile_lm_cache_hit_s": time.perf_counter() - started,
+            "decode_batch_sizes": self.decode_sizes,
+            "decode_variants": len(engine.variants),
+        }
 
     def decode(self, batch: int) -> dict[str, Any]:
         ids, new, lm = self.ids(batch, self.prompt), self.new, self.lms["decode"]
@@ -199,10 +211,31 @@ class LMBench:
         row["greedy_prefix_agreeing_with_eager"] = agreeing_prefix(
             got[:, self.prompt :], reference[:, self.prompt :]
         )
+        variants = self.lms["decode"].engines()["_engine_0"].variants
+        if any(key[1][1][0] == batch for key in variants):  # this batch has its own engine
+            row["torchrefit_general_engine_ms_per_token"] = self.general(ids)
         if "static" not in self.skip and self.device == "cuda":
             row.update(self.static(ids))
         row["tokens_per_s_torchrefit"] = batch * 1e3 / row["torchrefit_ms_per_token"]
         return row
+
+    def general(self, ids: torch.Tensor) -> float:
+        """ms per token of the same CompiledLM decoding with its general (dynamic) engine:
+        the variants compiled for exact decode shapes set aside, CUDA graphs captured anew."""
+        lm = self.lms["decode"]
+        engine = lm.engines()["_engine_0"]
+        variants, engine.variants = engine.variants, {}
+        lm.__dict__.pop("_cuda_graphs", None)
+        try:
+            lm.generate(ids, max_new_tokens=self.new)
+            return (
+                1e3
+                * wall_s(lambda: lm.generate(ids, max_new_tokens=self.new), self.device)
+                / self.new
+            )
+        finally:
+            engine.variants = variants
+            lm.__dict__.pop("_cuda_graphs", None)
 
     def static(self, ids: torch.Tensor) -> dict[str, Any]:
         """transformers' recipe: its static cache, which generate compiles."""
@@ -308,6 +341,9 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--skip", default="", help="sections to skip: static,prefill,rl")
+    parser.add_argument(
+        "--decode-sizes", default=None, help="compile_lm's decode_batch_sizes, e.g. 1,32"
+    )
     args = parser.parse_args()
     bench, run = LMBench(args), Run(args.out)
     run.results["machine"] = bench.machine()

@@ -26,6 +26,7 @@ class Guard:
         self._writers_waiting = 0
         self._calls: dict[Any, Any] = {}  # CUDA stream -> event after its last call's launch
         self._committed: Any = None  # CUDA event after the last commit's writes
+        self._waited: dict[Any, Any] = {}  # CUDA stream -> the commit event it last waited for
 
     @contextmanager
     def reading(self, device: torch.device) -> Iterator[None]:
@@ -35,11 +36,16 @@ class Guard:
                 self._cond.wait()
             self._readers += 1
         try:
-            if device.type == "cuda" and self._committed is not None:
-                torch.cuda.current_stream(device).wait_event(self._committed)
+            stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+            committed = self._committed
+            if stream is not None and committed is not None:
+                # a stream that waited for this commit stays behind it: wait once per commit
+                if self._waited.get(stream) is not committed:
+                    stream.wait_event(committed)
+                    self._waited[stream] = committed  # after the wait is queued
             yield
-            if device.type == "cuda":
-                self._record_call(device)
+            if stream is not None:
+                self._record_call(stream)
         finally:
             with self._cond:
                 self._readers -= 1
@@ -77,10 +83,9 @@ class Guard:
         for event in events:
             stream.wait_event(event)
 
-    def _record_call(self, device: torch.device) -> None:
+    def _record_call(self, stream: Any) -> None:
         """Mark the end of this call's launches on its stream. One event per stream,
         recorded again each call: a wait on it waits for the latest record."""
-        stream = torch.cuda.current_stream(device)
         with self._cond:
             event = self._calls.get(stream)
             if event is None:

@@ -12,12 +12,17 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .base import Runner, data_dependent
 
 # Inductor options of engines compiled for one exact shape (`specialize`); a user's
 # `Settings.inductor_options` take precedence
 STATIC_OPTIONS: dict[str, Any] = {"coordinate_descent_tuning": True}
+
+
+SMALL_ROWS = 8  # batched products of at most this many rows become products and sums
 
 
 class InductorBackend:
@@ -52,7 +57,7 @@ class InductorBackend:
         options = {**STATIC_OPTIONS, **self.options}
         with torch.no_grad():
             return standalone_compile(
-                gm,
+                _small_products(gm, example_inputs),
                 example_inputs,
                 dynamic_shapes="from_example_inputs",
                 options={"config_patches": options},
@@ -73,3 +78,34 @@ class InductorBackend:
             with open(path, "wb") as f:
                 f.write(data)
             return CompiledArtifact.load(path=path, format="binary")
+
+
+def _small_products(gm: fx.GraphModule, example_inputs: list[Any]) -> fx.GraphModule:
+    """A copy of `gm` in which each batched matrix product of at most SMALL_ROWS rows at
+    these inputs' shapes is an elementwise product and a sum. A decode step's attention is
+    such a product (a group of query heads against the cache): as a library call it is a
+    launch of its own, as a sum Inductor fuses it with the softmax around it (and tunes it,
+    as it does for products of one row)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    copy = fx.GraphModule(gm, graph)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        FakeTensorProp(copy, mode).propagate(*example_inputs)
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.bmm.default:
+            continue
+        a, b = node.args
+        assert isinstance(a, fx.Node) and isinstance(b, fx.Node)
+        if a.meta["val"].shape[1] > SMALL_ROWS:
+            continue
+        with graph.inserting_before(node):
+            rows = graph.call_function(aten.unsqueeze.default, (a, -1))  # (batch, m, k, 1)
+            cols = graph.call_function(aten.unsqueeze.default, (b, 1))  # (batch, 1, k, n)
+            product = graph.call_function(aten.mul.Tensor, (rows, cols))
+            total = graph.call_function(aten.sum.dim_IntList, (product, [2]))
+        node.replace_all_uses_with(total)
+        graph.erase_node(node)
+    graph.lint()
+    copy.recompile()
+    return copy

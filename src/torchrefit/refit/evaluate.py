@@ -184,8 +184,8 @@ def _by_device(tensors: dict[str, torch.Tensor]) -> dict[torch.device, list[torc
 
 def validate(values: Values, state: RefitState) -> None:
     """Shape, dtype and device of every value, and the finiteness check; raises naming the
-    weight. A double-buffered module checks finiteness after the copy, in its standby
-    buffer (`check_written`), at no extra read of the sources."""
+    weight. A double-buffered module checks finiteness as it copies into its standby
+    buffer, or after (`check_written`), at no extra read of the sources."""
     check_layout(values, state)
     if state.settings.double_buffer:
         return

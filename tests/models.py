@@ -141,3 +141,28 @@ def gpt2(seed: int = 0) -> nn.Module:
         eos_token_id=0,
     )
     return randomize(GPT2LMHeadModel(config), seed)
+
+
+class OddSizedWithMask(nn.Module):
+    """Odd-sized weights (a check kernel's masked last block), one larger than a kernel
+    block, and a -inf mask buffer: a constant that may keep inf, never hold NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 601)
+        self.fc2 = nn.Linear(601, 7)
+        mask = torch.zeros(7)
+        mask[-2:] = float("-inf")
+        self.register_buffer("mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.fc2(torch.tanh(self.fc1(x))) + self.mask, dim=-1)
+
+
+def odd_sized_with_mask(seed: int = 0) -> nn.Module:
+    model = OddSizedWithMask()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +33,18 @@ def test_cpu_benchmark_runs_and_checks_every_refit(tmp_path) -> None:
     for line in errors:
         value = float(line.rsplit("|", 2)[1])
         assert value < 1e-4, line
+
+
+def test_refitter_overhead_bench_runs_every_refit_side_by_side() -> None:
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "refitter_overhead.py"), "--device", "cpu", "--tiny"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = json.loads(run.stdout.splitlines()[0])
+    for key in ("refitter_unchecked", "refitter_checked", "refitter_checked_double_buffer"):
+        assert row[f"{key}_ms"] > 0 and row[f"err_{key}"] < 1e-4, key
+    assert row["flat_copy_ms"] > 0
+    assert "| Refitter, checked, double_buffer (checked as copied) |" in run.stdout

@@ -18,12 +18,13 @@ import torch
 from .errors import TorchRefitError, WeightDtypeError, WeightShapeError
 from .module import CompiledModule, RefitState
 from .refit import refittable
-from .refit.commit import commit, commit_by, copy_plan
+from .refit.commit import CopyPlan, commit, commit_by, copy_plan
 from .refit.evaluate import (
-    Values,
+    Flagged,
     check_layout,
     checked,
     evaluate,
+    finite_check,
     raise_nonfinite,
     tensors_flag,
     validate,
@@ -43,9 +44,10 @@ class Refitter:
     nothing, like `refit_module_weights(..., in_place=True)`.
 
     `check_finite=False` skips the NaN/inf check of the new values before a plain module's
-    copy (a full read of them, about half a copy's time): for trainers whose weights are
-    known finite. A double-buffered module checks what it wrote into its standby bank
-    either way, so it never serves a NaN.
+    copy (a full read of them before the first write): for trainers whose weights are known
+    finite. A double-buffered module checks what it writes into its standby bank either
+    way, so it never serves a NaN; on CUDA its copy kernel checks as it copies, at no
+    extra read.
     """
 
     def __init__(
@@ -141,53 +143,63 @@ def _tensors(matched: Matched) -> dict[str, torch.Tensor]:
 
 
 class _Graphs:
-    """The core's evaluate stage with its finiteness flag, and the commit's copy plan (one
-    per buffer a double-buffered module flips between), each captured as a CUDA graph over
-    the bound tensors."""
+    """The core's evaluate stage, its finiteness check, and the commit's copy plan (one per
+    buffer a double-buffered module flips between), each captured as a CUDA graph over the
+    bound tensors. A plain module checks before it copies (a second graph, made once the
+    values' memory is fixed); a double-buffered one flags as it copies into its standby."""
 
     def __init__(self, matched: Matched, state: RefitState, check_finite: bool) -> None:
-        self.matched, self.state, self.check_finite = matched, state, check_finite
+        self.matched, self.state = matched, state
         self.host_sources = any(not t.is_cuda for t in _tensors(matched).values())
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():
-            self._compute()  # warm up outside the graph
+            evaluate(matched, state)  # warm up outside the graph
         torch.cuda.current_stream().wait_stream(side)
         self.compute = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.compute), torch.no_grad():
-            self.values, self.ok = self._compute()  # the graph writes here: keep the memory ours
-        # pinned host weights copied as they are cannot be read inside a graph: the CPU checks
-        # them before each copy (a double-buffered module checks them after, on the device)
-        self.on_host = (
-            {k: v for k, v in checked(self.values).items() if not v.is_cuda} if check_finite else {}
-        )
+            self.values = evaluate(matched, state)  # the graph writes here: keep the memory ours
+        self.check: tuple[Callable[[], torch.Tensor], torch.cuda.CUDAGraph, torch.Tensor] | None
+        self.check, self.on_host = None, {}
+        if check_finite and not state.settings.double_buffer:
+            values = checked(self.values)
+            # pinned host weights copied as they are: the CPU checks them before each copy
+            self.on_host = {k: v for k, v in values.items() if not v.is_cuda}
+            on_device = {k: v for k, v in values.items() if v.is_cuda}
+            check = finite_check(on_device, state.inf_allowed, state.store.device)
+            check()  # outside the graph first: self-tests, kernel compiles
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                ok = check()
+            self.check = (check, graph, ok)  # the check's tables must outlive its graph
         # per target buffer: the copy plan (its tables must outlive the graph) and its graph
-        self.copies: dict[int, tuple[Callable[[], None], torch.cuda.CUDAGraph]] = {}
+        self.copies: dict[int, tuple[CopyPlan, torch.cuda.CUDAGraph]] = {}
         logger.info("refit of %d constants captured as CUDA graphs", len(self.values.tensors))
-
-    def _compute(self) -> tuple[Values, torch.Tensor]:
-        values = evaluate(self.matched, self.state)
-        if not self.check_finite:
-            return values, torch.ones((), dtype=torch.bool, device=self.state.store.device)
-        on_device = {k: v for k, v in checked(values).items() if v.is_cuda}
-        return values, tensors_flag(on_device, self.state.inf_allowed, self.state.store.device)
 
     def run(self, module: CompiledModule) -> None:
         state = self.state
         self.compute.replay()
-        if self.check_finite and not state.settings.double_buffer:
+        if self.check is not None:
+            _, graph, ok = self.check
+            graph.replay()
             host_ok = tensors_flag(self.on_host, state.inf_allowed, torch.device("cpu"))
-            if not (bool(self.ok) and bool(host_ok)):  # the one host sync: nothing written yet
+            if not (bool(ok) and bool(host_ok)):  # the one host sync: nothing written yet
                 raise_nonfinite(self.values.tensors, self.values.sources, state)
         commit_by(module, set(self.values.tensors), self._replay_copy)
         if self.host_sources:
             torch.cuda.current_stream().synchronize()  # the caller may overwrite its host buffers
 
-    def _replay_copy(self, store: WeightStore) -> None:
+    def _replay_copy(self, store: WeightStore) -> Flagged | None:
+        """Copy into `store`; into a standby, the copy flags what it writes, and the flag is
+        read once, before the flip (`check_written`)."""
         if id(store) not in self.copies:
-            plan = copy_plan(store, self.values.tensors)
+            standby = self.state.settings.double_buffer
+            inf_allowed = self.state.inf_allowed if standby else None
+            plan = copy_plan(store, self.values.tensors, inf_allowed)
             self.copies[id(store)] = (plan, _captured(plan))
-        self.copies[id(store)][1].replay()
+        plan, graph = self.copies[id(store)]
+        graph.replay()
+        return plan.flagged
 
 
 def _captured(run: Callable[[], None]) -> torch.cuda.CUDAGraph:

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from ..copy_kernel import GatherCopy, gather_copy_works
+from ..copy_kernel import GatherCopy, finite_kernels_work, gather_copy_works
 from ..module import CompiledModule, clone_module
 from ..weights import ALIGN_BYTES, WeightStore
-from .evaluate import Values, check_written
+from .evaluate import Flagged, Values, check_written
 from .files import FileTensor, buffer_bytes, chunks_of
 
 logger = logging.getLogger("torchrefit")
@@ -31,23 +31,30 @@ def commit(module: CompiledModule, values: Values, in_place: bool) -> CompiledMo
     """`module` (or, with in_place=False, a new module sharing its engines) holding `values`.
 
     A copy gets a store of its own: each constant is copied once, from `values` or, for the
-    constants the refit leaves alone, from the original."""
+    constants the refit leaves alone, from the original. A double-buffered module's values
+    are checked once written, in a copy as in its standby."""
     if in_place:
         commit_by(module, values.keys(), lambda store: _write_values(module, store, values))
         return module
     target = _copy_for(module, values.keys())
-    _write_values(target, target._torchrefit.store, values)
+    state = target._torchrefit
+    flagged = _write_values(target, state.store, values)
+    if state.settings.double_buffer:  # validate left the finiteness check to this point
+        check_written(state.store, values.keys(), state, flagged)
     return target
 
 
 def commit_by(
-    module: CompiledModule, keys: set[str], write_values: Callable[[WeightStore], None]
+    module: CompiledModule,
+    keys: set[str],
+    write_values: Callable[[WeightStore], Flagged | None],
 ) -> None:
     """In place: `write_values(store)` writes the constants `keys` into `store`.
 
     Plainly, `store` is the active buffer, written while no call runs. Double-buffered, it
-    is the standby: brought up to date, written while calls go on, checked there, then
-    flipped to; a refused or failed refit never flips."""
+    is the standby: brought up to date, written while calls go on, checked there (what a
+    flagged copy wrote, by the flag `write_values` returns), then flipped to; a refused or
+    failed refit never flips."""
     state = module._torchrefit
     active = state.store
     if not state.settings.double_buffer:
@@ -62,8 +69,7 @@ def commit_by(
         state.guard.wait_for_calls(active.device)  # calls launched before the last flip read it
     state.stale |= keys  # until the flip, the standby is a mix
     write(standby, {k: active[k] for k in state.stale - keys})
-    write_values(standby)
-    check_written(standby, keys, state)
+    check_written(standby, keys, state, write_values(standby))
     with state.guard.writing(active.device):
         module.bind(standby)
         state.standby, state.stale = active, set(keys)
@@ -78,14 +84,24 @@ def _copy_for(module: CompiledModule, refitted: set[str]) -> CompiledModule:
     return clone_module(module, store)
 
 
-def _write_values(module: CompiledModule, store: WeightStore, values: Values) -> None:
-    write(store, values.tensors)
-    if not values.streamed:
-        return
-    if store is not module._torchrefit.store:
-        _stream_into(store, values.streamed)  # a standby: a failure midway changes nothing
-        return
+def _write_values(module: CompiledModule, store: WeightStore, values: Values) -> Flagged | None:
+    """Write `values` into `store`. A double-buffered module checks its values once written:
+    those on the store's device go through the flagged gather copy, which checks them in the
+    same pass (the flag it returns); the others are read again after."""
     state = module._torchrefit
+    tensors, flagged = values.tensors, None
+    if state.settings.double_buffer:
+        local = {k: v for k, v in tensors.items() if v.device == store[k].device}
+        plan = copy_plan(store, local, state.inf_allowed)
+        plan()
+        flagged = plan.flagged
+        tensors = {k: v for k, v in tensors.items() if k not in local}
+    write(store, tensors)
+    if not values.streamed:
+        return flagged
+    if store is not state.store:
+        _stream_into(store, values.streamed)  # a standby: a failure midway changes nothing
+        return flagged
     pending = set(values.streamed)
     try:
         _stream_into(store, values.streamed, pending)
@@ -94,6 +110,7 @@ def _write_values(module: CompiledModule, store: WeightStore, values: Values) ->
         # refit succeeds, rather than compute with a half-updated mix
         state.unset |= pending
         raise
+    return flagged
 
 
 def write(store: WeightStore, values: dict[str, torch.Tensor]) -> None:
@@ -172,30 +189,48 @@ def upload_runs(slots: list[tuple[int, int]], item: int) -> list[tuple[int, int]
     return runs
 
 
-def copy_plan(store: WeightStore, values: dict[str, torch.Tensor]) -> Callable[[], None]:
-    """A bound copy of fixed `values` into the store, capturable as a CUDA graph: one
-    gather-copy launch per arena where the kernel works, else batched copies."""
-    groups: dict[
-        tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]
-    ] = {}
-    for key, value in values.items():
-        dst = store[key]
-        dsts, srcs = groups.setdefault((dst.device, dst.dtype), ([], []))
-        dsts.append(dst)
-        srcs.append(value)
-    copies: list[Callable[[], None]] = []
-    for (device, dtype), (dsts, srcs) in groups.items():
-        if gather_copy_works(device, dtype):
-            copies.append(GatherCopy(store.arenas[(device, dtype)], dsts, srcs))
-        else:
-            copies.append(_batched_copy(dsts, srcs))
+class CopyPlan:
+    """A bound copy of fixed values into a store, capturable as a CUDA graph (its tables
+    must outlive the graph). `flagged`, when the plan was asked to check: the device flag
+    its gather copies set, zeroed on each call, and the keys they checked."""
 
-    def run() -> None:
+    def __init__(self, copies: list[Callable[[], None]], flagged: Flagged | None) -> None:
+        self.copies, self.flagged = copies, flagged
+
+    def __call__(self) -> None:
         with torch.no_grad():
-            for copy in copies:
+            if self.flagged is not None:
+                self.flagged.flag.zero_()
+            for copy in self.copies:
                 copy()
 
-    return run
+
+def copy_plan(
+    store: WeightStore, values: dict[str, torch.Tensor], inf_allowed: set[str] | None = None
+) -> CopyPlan:
+    """A bound copy of fixed `values` into the store: one gather-copy launch per arena where
+    the kernel works, else batched copies. With `inf_allowed` (a standby's refit, checked
+    once written), the gather copies also flag NaN, and inf outside `inf_allowed`."""
+    groups: dict[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
+    for key, value in values.items():
+        groups.setdefault((store[key].device, store[key].dtype), {})[key] = value
+    allowed, flag = inf_allowed or set(), None
+    if inf_allowed is not None and any(finite_kernels_work(d, t) for d, t in groups):
+        flag = torch.zeros(1, dtype=torch.int32, device=store.device)
+    copies: list[Callable[[], None]] = []
+    covered: set[str] = set()
+    for (device, dtype), group in groups.items():
+        dsts, srcs = [store[k] for k in group], list(group.values())
+        arena = store.arenas[(device, dtype)]
+        if not gather_copy_works(device, dtype):
+            copies.append(_batched_copy(dsts, srcs))
+        elif flag is not None and device == flag.device and finite_kernels_work(device, dtype):
+            copy = GatherCopy(arena, dsts, srcs, flag, [k not in allowed for k in group])
+            covered |= {k for k, f in zip(group, copy.flagged, strict=True) if f}
+            copies.append(copy)
+        else:
+            copies.append(GatherCopy(arena, dsts, srcs))
+    return CopyPlan(copies, Flagged(flag, frozenset(covered)) if flag is not None else None)
 
 
 def _batched_copy(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> Callable[[], None]:

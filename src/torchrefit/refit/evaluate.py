@@ -2,17 +2,21 @@
 
 `evaluate` turns matched source weights into store values (casts to the engine dtype, the
 weight program for derived constants) without a host sync, so `Refitter` captures this very
-code as a CUDA graph. `finite_flag` is the capturable part of the check: one device boolean;
-`validate` is the whole check, raising with the weight named. What is checked: every
-floating value; NaN is refused, and inf where the compiled constant held none.
+code as a CUDA graph. `finite_check` is the capturable part of the check: one device
+boolean; `validate` is the whole check, raising with the weight named. What is checked: every
+floating value; NaN is refused, and inf where the compiled constant held none. On CUDA the
+check is one read-only Triton launch per dtype (`copy_kernel.FiniteCheck`), else torch
+reductions.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from ..copy_kernel import FiniteCheck, finite_kernels_work
 from ..errors import IncompatibleWeightsError, MissingWeightError, WeightValueError
 from ..module import RefitState
 from ..weights import WeightStore, nonfinite
@@ -122,6 +126,43 @@ def finite_flag(values: Values, state: RefitState) -> torch.Tensor:
 def tensors_flag(
     tensors: dict[str, torch.Tensor], inf_allowed: set[str], device: torch.device
 ) -> torch.Tensor:
+    """`finite_check` of `tensors`, run once."""
+    return finite_check(tensors, inf_allowed, device)()
+
+
+def finite_check(
+    tensors: dict[str, torch.Tensor], inf_allowed: set[str], device: torch.device
+) -> Callable[[], torch.Tensor]:
+    """The finiteness check of fixed `tensors`, planned once: each call gives one boolean on
+    `device` (every value acceptable), without a host sync, so it can be captured in a CUDA
+    graph once made. CUDA (and pinned) tensors of a dtype the kernel reads go through
+    `FiniteCheck`; the others (CPU, odd layouts, other dtypes, a failed self-test) through
+    torch reductions."""
+    kernel = [k for k, v in tensors.items() if finite_kernels_work(device, v.dtype)]
+    check: FiniteCheck | None = None
+    if kernel:
+        strict = [k not in inf_allowed for k in kernel]
+        flag = torch.zeros(1, dtype=torch.int32, device=device)
+        check = FiniteCheck([tensors[k] for k in kernel], strict, flag)
+        skipped = set(check.rest)
+        kernel = [k for i, k in enumerate(kernel) if i not in skipped]
+    read = set(kernel)
+    rest = {k: v for k, v in tensors.items() if k not in read}
+
+    def run() -> torch.Tensor:
+        if check is None:
+            return _torch_flag(rest, inf_allowed, device)
+        check.flag.zero_()
+        check()
+        ok = check.flag[0] == 0
+        return ok & _torch_flag(rest, inf_allowed, device) if rest else ok
+
+    return run
+
+
+def _torch_flag(
+    tensors: dict[str, torch.Tensor], inf_allowed: set[str], device: torch.device
+) -> torch.Tensor:
     flags = [torch.ones((), dtype=torch.bool, device=device)]
     strict = {k: v for k, v in tensors.items() if k not in inf_allowed}
     for group in _by_device(strict).values():
@@ -143,8 +184,8 @@ def _by_device(tensors: dict[str, torch.Tensor]) -> dict[torch.device, list[torc
 
 def validate(values: Values, state: RefitState) -> None:
     """Shape, dtype and device of every value, and the finiteness check; raises naming the
-    weight. A double-buffered module checks finiteness after the copy, in its standby
-    buffer (`check_written`), at no extra read of the sources."""
+    weight. A double-buffered module checks finiteness as it copies into its standby
+    buffer, or after (`check_written`), at no extra read of the sources."""
     check_layout(values, state)
     if state.settings.double_buffer:
         return
@@ -153,11 +194,28 @@ def validate(values: Values, state: RefitState) -> None:
     _check_streamed(values, state)
 
 
-def check_written(store: WeightStore, keys: set[str], state: RefitState) -> None:
-    """The finiteness check over constants just written into a standby buffer."""
-    tensors = {k: store[k] for k in keys if store[k].is_floating_point() and store[k].numel()}
-    if not bool(tensors_flag(tensors, state.inf_allowed, store.device)):
-        raise_nonfinite(tensors, {}, state)
+@dataclass(frozen=True)
+class Flagged:
+    """What a flagged copy checked as it wrote: `flag` (a device int32) is set if one of
+    `keys` holds a value the finiteness check refuses."""
+
+    flag: torch.Tensor
+    keys: frozenset[str]
+
+
+def check_written(
+    store: WeightStore, keys: set[str], state: RefitState, flagged: Flagged | None = None
+) -> None:
+    """The finiteness check over constants just written into a standby buffer. Those a
+    flagged copy wrote are not read again: its flag stands for them. One host sync."""
+    written = {k: store[k] for k in keys if store[k].is_floating_point() and store[k].numel()}
+    covered = flagged.keys if flagged is not None else frozenset()
+    unread = {k: v for k, v in written.items() if k not in covered}
+    ok = tensors_flag(unread, state.inf_allowed, store.device)
+    if flagged is not None:
+        ok = ok & (flagged.flag[0] == 0)
+    if not bool(ok):
+        raise_nonfinite(written, {}, state)
 
 
 def check_layout(values: Values, state: RefitState) -> None:

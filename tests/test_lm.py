@@ -156,6 +156,24 @@ def test_decode_variants_run_their_steps_and_follow_refits_files_and_the_cache(t
         assert calls == {1: 5, 3: 5}
 
 
+def test_a_variant_that_fails_to_compile_leaves_the_general_engine(monkeypatch, caplog) -> None:
+    from torchrefit.engine.inductor import InductorBackend
+
+    def fails(self, gm, examples):
+        raise RuntimeError("no static kernel today")
+
+    monkeypatch.setattr(InductorBackend, "specialize", fails)
+    model = llama()
+    with caplog.at_level("WARNING", logger="torchrefit"):
+        lm = torchrefit.compile_lm(model, max_batch_size=2, max_seq_len=32, decode_batch_sizes=[1])
+    assert "no static kernel today" in caplog.text and "general engine" in caplog.text
+    (engine,) = lm.engines().values()
+    assert not engine.variants
+    ids, mask = prompts(1, 7)
+    want = reference(model, ids, mask, max_new_tokens=5)
+    assert torch.equal(lm.generate(ids, attention_mask=mask, max_new_tokens=5), want)
+
+
 def test_generation_stops_per_row_at_eos_and_pads_after() -> None:
     model = gpt2()
     lm = torchrefit.compile_lm(model, max_batch_size=3, max_seq_len=40, backend="eager")

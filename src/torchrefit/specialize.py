@@ -67,7 +67,16 @@ def _add_variant(
         return 0
     started = time.perf_counter()
     examples = [*engine.constants().values(), *activations]
-    runner = get_backend(engine.backend, dict(options)).specialize(source, examples)
+    try:
+        runner = get_backend(engine.backend, dict(options)).specialize(source, examples)
+    except Exception as exc:  # noqa: BLE001 - a variant is a speed-up: the engine still serves
+        logger.warning(
+            "no engine variant for %s (%s: %s); those calls run the general engine",
+            _shown(key),
+            type(exc).__name__,
+            str(exc)[:200],
+        )
+        return 0
     if runner is None:
         return 0
     engine.variants[key] = Variant(runner)

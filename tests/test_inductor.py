@@ -127,3 +127,23 @@ def test_argument_names_are_not_structure_and_ranges_key_the_cache(tmp_path, mon
     torchrefit.compile(ec, (torch.randn(3, 4),), backend="eager", cache_dir=str(tmp_path))
     torchrefit.compile(eb, (torch.randn(3, 4),), backend="eager", cache_dir=str(tmp_path))
     assert len(list(tmp_path.glob("*.trf"))) == 2  # ranges 64 (twice, one entry) and 16
+
+
+def test_small_batched_products_become_sums_even_when_chained() -> None:
+    """The exact-shape rewrite: bmm of at most 8 rows -> product and sum, also where one such
+    product feeds another (shapes are read before any node is rewritten); values unchanged,
+    larger products left to the library call."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from torchrefit.engine.inductor import _small_products
+
+    def f(h: torch.Tensor, big: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.bmm(torch.bmm(h, h.transpose(1, 2)), h), torch.bmm(big, big.transpose(1, 2))
+
+    h, big = torch.randn(3, 4, 16), torch.randn(2, 12, 5)
+    gm = make_fx(f)(h, big)
+    rewritten = _small_products(gm, [h, big])
+    bmms = [n for n in rewritten.graph.nodes if n.target is torch.ops.aten.bmm.default]
+    assert len(bmms) == 1  # only the 12-row product stays a bmm
+    for got, want in zip(rewritten(h, big), f(h, big), strict=True):
+        assert_matches(got, want)

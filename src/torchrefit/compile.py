@@ -79,12 +79,13 @@ def _compile(
         lowered.gm, settings, Capability(settings.torch_executed_ops, backend.supports)
     )
     compiled = build(source, program, lowered, parts, backend, settings)
-    if exact:
-        specialize(compiled, exact)
+    complete = specialize(compiled, exact) if exact else True
+    for engine in compiled.engines().values():
+        engine.__dict__["source"] = None  # the partition graphs are not needed any more
     logger.info(
         "compiled %d engine(s) in %.1f s", len(compiled.engines()), time.perf_counter() - started
     )
-    if cache is not None:
+    if cache is not None and complete:  # a variant that failed may compile another time
         cache.store(compiled)
     return _with_signature(compiled, model, source)
 

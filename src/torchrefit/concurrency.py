@@ -42,7 +42,9 @@ class Guard:
                 # a stream that waited for this commit stays behind it: wait once per commit
                 if self._waited.get(stream) is not committed:
                     stream.wait_event(committed)
-                    self._waited[stream] = committed  # after the wait is queued
+                    # after the wait is queued; a wait captured into a graph orders nothing
+                    if not torch.cuda.is_current_stream_capturing():
+                        self._waited[stream] = committed
             yield
             if stream is not None:
                 self._record_call(stream)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator, Sequence
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -373,14 +374,14 @@ def _decode_sizes(
         raise SettingsError(
             f"decode_batch_sizes is {sizes!r}; give a sequence of batch sizes, e.g. (1, 8)."
         )
-    bad: list[Any] = [b for b in sizes if isinstance(b, bool) or not isinstance(b, int)]
+    bad: list[Any] = [b for b in sizes if isinstance(b, bool) or not isinstance(b, Integral)]
     bad += [b for b in sizes if b not in bad and not 1 <= b <= max_batch_size]
     if bad:
         raise SettingsError(
             f"decode_batch_sizes holds {bad!r}; each must be an int from 1 to max_batch_size "
             f"({max_batch_size})."
         )
-    return tuple(sorted(set(sizes)))
+    return tuple(sorted({int(b) for b in sizes}))
 
 
 def _export(

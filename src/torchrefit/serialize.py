@@ -42,6 +42,7 @@ from .module import (
     RefitState,
     Signature,
     Variant,
+    dtype_named,
     make_fallback,
 )
 from .settings import BACKENDS, Settings
@@ -361,14 +362,17 @@ def _child_from_json(
         raise SerializationError(f"{path!r}: child {data['name']!r} is of unknown kind or backend.")
     backend = get_backend(data["backend"], dict(state.settings.inductor_options))
     name = data["name"]
+    # every signature and checksum checked before any artifact is loaded
+    signatures = [_signature_from_json(v["signature"], path) for v in data.get("variants", [])]
     artifact = _artifact(archive, name, data["sha256"], path)
-    variants = {}
-    for i, variant in enumerate(data.get("variants", [])):
-        code = _artifact(archive, f"{name}.variant{i}", variant["sha256"], path)
-        variants[_signature_from_json(variant["signature"], path)] = Variant(
-            backend.load(code), code
-        )
+    codes = [
+        _artifact(archive, f"{name}.variant{i}", v["sha256"], path)
+        for i, v in enumerate(data.get("variants", []))
+    ]
     runner = backend.load(artifact)
+    variants = {
+        key: Variant(backend.load(code), code) for key, code in zip(signatures, codes, strict=True)
+    }
     return Engine(data["backend"], runner, keys, bool(data["single_output"]), artifact, variants)
 
 
@@ -401,10 +405,10 @@ def _signature_from_json(data: Any, path: str) -> Signature:
                 raise SerializationError(f"{path!r}: a variant signature holds {entry[1]!r}.")
             key.append(("value", entry[1]))
             continue
-        dtype = getattr(torch, entry[0], None) if isinstance(entry[0], str) else None
+        dtype = dtype_named(entry[0])
         shape, strides = entry[1], entry[2]
         ints = all(isinstance(n, int) and not isinstance(n, bool) for n in [*shape, *strides])
-        if not isinstance(dtype, torch.dtype) or not ints or len(shape) != len(strides):
+        if not ints or len(shape) != len(strides):
             raise SerializationError(f"{path!r}: a variant signature entry {entry!r} is malformed.")
         key.append((dtype, tuple(shape), tuple(strides)))
     return tuple(key)

@@ -24,23 +24,25 @@ logger = logging.getLogger("torchrefit")
 Call = tuple[tuple[Any, ...], dict[str, Any]]  # (args, kwargs) of one call
 
 
-def specialize(module: CompiledModule, calls: list[Call]) -> int:
-    """Variants of `module`'s engines for the activations each of `calls` gives them; the
-    number compiled. State the calls write (a KV cache, a counter) is restored after."""
+def specialize(module: CompiledModule, calls: list[Call]) -> bool:
+    """Variants of `module`'s engines for the activations each of `calls` gives them;
+    False if one failed to compile (logged; those calls run the general engine). State the
+    calls write (a KV cache, a counter) is restored after, from a copy kept on the host (a
+    second cache on the device could be more than it holds)."""
     state = module._torchrefit
     engines = module.engines()
     written = [k for k, lineage in state.lineage.items() if lineage.kind == "state"]
-    kept = {k: state.store[k].clone() for k in written}
-    made = 0
+    kept = {k: state.store[k].to("cpu", copy=True) for k in written}
+    complete = True
     try:
         for args, kwargs in calls:
             for activations, engine in _recorded(module, engines, args, kwargs):
-                made += _add_variant(engine, activations, state.settings.inductor_options)
+                complete &= _add_variant(engine, activations, state.settings.inductor_options)
     finally:
         with torch.no_grad():
             for key, value in kept.items():
                 state.store[key].copy_(value)
-    return made
+    return complete
 
 
 def _recorded(
@@ -60,11 +62,13 @@ def _recorded(
 
 def _add_variant(
     engine: Engine, activations: tuple[Any, ...], options: tuple[tuple[str, Any], ...]
-) -> int:
+) -> bool:
+    """A variant for `activations` unless the engine has one (or cannot: loaded from a
+    file, or a backend that gains nothing); False where its compile failed."""
     key = signature(activations)
     source = engine.__dict__["source"]
     if key in engine.variants or source is None:  # a loaded engine keeps its file's variants
-        return 0
+        return True
     started = time.perf_counter()
     examples = [*engine.constants().values(), *activations]
     try:
@@ -76,12 +80,13 @@ def _add_variant(
             type(exc).__name__,
             str(exc)[:200],
         )
-        return 0
-    if runner is None:
-        return 0
-    engine.variants[key] = Variant(runner)
-    logger.info("compiled a variant for %s in %.1f s", _shown(key), time.perf_counter() - started)
-    return 1
+        return False
+    if runner is not None:
+        engine.variants[key] = Variant(runner)
+        logger.info(
+            "compiled a variant for %s in %.1f s", _shown(key), time.perf_counter() - started
+        )
+    return True
 
 
 def _shown(key: tuple[Any, ...]) -> str:

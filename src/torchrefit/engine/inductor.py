@@ -92,13 +92,16 @@ def _small_products(gm: fx.GraphModule, example_inputs: list[Any]) -> fx.GraphMo
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         FakeTensorProp(copy, mode).propagate(*example_inputs)
     aten = torch.ops.aten
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not aten.bmm.default:
-            continue
+    small = [  # found before any is rewritten: a new node has no propagated shape
+        node
+        for node in graph.nodes
+        if node.op == "call_function"
+        and node.target is aten.bmm.default
+        and node.meta["val"].is_floating_point()
+        and node.args[0].meta["val"].shape[1] <= SMALL_ROWS
+    ]
+    for node in small:
         a, b = node.args
-        assert isinstance(a, fx.Node) and isinstance(b, fx.Node)
-        if a.meta["val"].shape[1] > SMALL_ROWS:
-            continue
         with graph.inserting_before(node):
             rows = graph.call_function(aten.unsqueeze.default, (a, -1))  # (batch, m, k, 1)
             cols = graph.call_function(aten.unsqueeze.default, (b, 1))  # (batch, 1, k, n)

@@ -54,10 +54,10 @@ class Engine(torch.nn.Module):
         self.artifact = artifact  # the runner's bytes, once dumped
         self.variants: dict[Signature, Variant] = dict(variants or {})
         self._constants: list[torch.Tensor] = []
-        # the partition's graph, to compile variants from (not saved: a loaded engine has
-        # the variants its file holds); outside __setattr__, so not a child module
+        # the partition's graph, to compile variants from: set by build, dropped when the
+        # compile ends (a loaded engine has the variants its file holds); outside
+        # __setattr__, so not a child module
         self.__dict__["source"] = None
-        self.__dict__["recorded"] = None  # while specializing: the activations of each call
 
     def bind(self, store: WeightStore) -> None:
         self._constants = [store[k] for k in self.constant_keys]
@@ -71,8 +71,6 @@ class Engine(torch.nn.Module):
             variant = self.variants.get(signature(activations))
             if variant is not None:
                 runner = variant.runner
-        if self.__dict__["recorded"] is not None:
-            self.__dict__["recorded"].append(activations)
         outputs = runner(*self._constants, *activations)
         return outputs[0] if self.single_output else tuple(outputs)
 

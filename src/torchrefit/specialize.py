@@ -48,16 +48,26 @@ def specialize(module: CompiledModule, calls: list[Call]) -> bool:
 def _recorded(
     module: CompiledModule, engines: dict[str, Engine], args: tuple[Any, ...], kwargs: dict
 ) -> list[tuple[tuple[Any, ...], Engine]]:
-    """One call of `module`; the activations each engine was called with."""
+    """One call of `module`; the activations each engine was called with (noted by a
+    `forward` of the instance for this call only: the engines' own path does no bookkeeping)."""
+    recorded: list[tuple[tuple[Any, ...], Engine]] = []
+
+    def noting(engine: Engine) -> Any:
+        def forward(*activations: Any) -> Any:
+            recorded.append((activations, engine))
+            return Engine.forward(engine, *activations)
+
+        return forward
+
     for engine in engines.values():
-        engine.__dict__["recorded"] = []
+        engine.__dict__["forward"] = noting(engine)
     try:
         with torch.no_grad():
             module._run(args, kwargs, graphs=False)
-        return [(acts, e) for e in engines.values() for acts in e.__dict__["recorded"]]
+        return recorded
     finally:
         for engine in engines.values():
-            engine.__dict__["recorded"] = None
+            del engine.__dict__["forward"]
 
 
 def _add_variant(

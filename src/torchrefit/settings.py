@@ -19,6 +19,7 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
 }
 BACKENDS = ("inductor", "eager")
+QUANTIZE = (None, "fp8", "int8")
 
 
 def _affects_engine(default: Any, doc: str, **kwargs: Any) -> Any:
@@ -62,6 +63,12 @@ class Settings:
     inductor_options: tuple[tuple[str, Any], ...] = _affects_engine(
         (), "Extra Inductor options, as (name, value) pairs."
     )
+    quantize: str | None = _affects_engine(
+        None,
+        '"fp8" or "int8": the weights of linear layers are stored quantized, one float32 '
+        "scale per output channel, and re-quantized from full precision on every refit; "
+        "None: every constant in the engine dtype.",
+    )
     cache_dir: str | None = _runtime(
         None,
         "Engine cache directory: a structure compiled before is loaded and refitted, not compiled.",
@@ -77,6 +84,16 @@ class Settings:
     cuda_graphs: bool = _runtime(
         False,
         "Replay each input shape's call as a CUDA graph (inputs copied in, outputs copied out).",
+    )
+    check_finite: bool = _runtime(
+        True,
+        "Refuse a refit whose new values hold NaN (or inf where the compiled constant held "
+        "none) before anything is written; False copies without looking (every door).",
+    )
+    staging_bytes: int = _runtime(
+        512 << 20,
+        "Bound of the device staging area host and file sources go through (read once, "
+        "checked there, then copied on the device); larger sources go in chunks, read twice.",
     )
 
     def __post_init__(self) -> None:
@@ -107,11 +124,26 @@ class Settings:
                     f"Settings.cache_dir is {self.cache_dir!r}; expected a path or None."
                 )
             object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
-        for name in ("immutable_weights", "fold_batch_norm", "cuda_graphs", "double_buffer"):
+        if self.quantize not in QUANTIZE:
+            raise SettingsError(
+                f"Settings.quantize is {self.quantize!r}; expected one of {QUANTIZE}."
+            )
+        for name in (
+            "immutable_weights",
+            "fold_batch_norm",
+            "cuda_graphs",
+            "double_buffer",
+            "check_finite",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise SettingsError(
                     f"Settings.{name} is {getattr(self, name)!r}; expected True or False."
                 )
+        if _not_int(self.staging_bytes) or self.staging_bytes < 1 << 20:
+            raise SettingsError(
+                f"Settings.staging_bytes is {self.staging_bytes!r}; expected an int of at least "
+                f"{1 << 20} (bytes)."
+            )
         if _not_int(self.cache_max_bytes) or self.cache_max_bytes <= 0:
             raise SettingsError(
                 f"Settings.cache_max_bytes is {self.cache_max_bytes!r}; expected a positive int "

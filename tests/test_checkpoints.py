@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import torchrefit
-import torchrefit.refit.commit as commit
+import torchrefit.refit.transfer as transfer
 import torchrefit.refit.files as files
 
 from cases import CASES
@@ -380,7 +380,7 @@ def test_a_weight_that_cannot_be_cast_into_the_engine_dtype_is_refused_by_name(t
 def test_chunked_copy_streams_every_dtype_into_its_buffer(
     tmp_path, monkeypatch, source, target
 ) -> None:
-    """The commit stage's copy: file bytes in chunks of 24 bytes (cutting elements of no
+    """The commit stage's file reads: bytes in chunks of 24 bytes (cutting elements of no
     dtype), each cast by copy_ into the engine buffer."""
     monkeypatch.setattr(files, "CHUNK_BYTES", 24)
     values = (
@@ -394,8 +394,8 @@ def test_chunked_copy_streams_every_dtype_into_its_buffer(
     )
     t = files.index_safetensors(path)["t"]
     dst = torch.full((50,), 3, dtype=target)
-    with open(path, "rb") as f, commit._Chunks(torch.device("cpu")) as chunks:
-        chunks.copy(f, t, dst)
+    with open(path, "rb") as f, transfer._Chunks(torch.device("cpu"), source) as chunks:
+        transfer._read_range(f, t, 0, dst, chunks)
     assert torch.equal(dst.view(torch.uint8), values.to(target).view(torch.uint8))
 
 

@@ -22,6 +22,7 @@ import torch
 import torchrefit
 from torchrefit.copy_kernel import (
     BLOCK,
+    COPY_BITS,
     FLOAT_BITS,
     FiniteCheck,
     GatherCopy,
@@ -258,19 +259,21 @@ def door_trial(device: str, double_buffer: bool, door: str) -> None:
 def interpreted_doors() -> None:
     """The doors on CPU with the kernels switched on there (Triton's interpreter runs them):
     every value goes through a kernel, none through torch's reductions."""
-    import torchrefit.refit.commit as commit_stage
     import torchrefit.refit.evaluate as evaluate_stage
+    import torchrefit.refit.transfer as transfer_stage
 
-    evaluate_stage.finite_kernels_work = lambda device, dtype: dtype in FLOAT_BITS
-    commit_stage.finite_kernels_work = evaluate_stage.finite_kernels_work
-    commit_stage.gather_copy_works = lambda device, dtype: True
-    torch_flag = evaluate_stage._torch_flag
+    transfer_stage.use_kernels = lambda device: True
+    transfer_stage.finite_kernels_work = lambda device, dtype: dtype in FLOAT_BITS
+    transfer_stage.gather_copy_works = lambda device, dtype: dtype in COPY_BITS
+    evaluate_stage.finite_kernels_work = transfer_stage.finite_kernels_work
+    torch_check = transfer_stage.refused_on_cpu
 
-    def no_torch_reads(tensors: dict[str, torch.Tensor], *args: object) -> torch.Tensor:
-        assert not tensors, f"read by torch: {sorted(tensors)}"
-        return torch_flag(tensors, *args)
+    def no_torch_reads(tensors: dict[str, torch.Tensor], *args: object) -> bool:
+        floating = {k: v for k, v in tensors.items() if v.is_floating_point()}
+        assert not floating, f"read by torch: {sorted(floating)}"
+        return torch_check(tensors, *args)
 
-    evaluate_stage._torch_flag = no_torch_reads
+    transfer_stage.refused_on_cpu = no_torch_reads
     for double_buffer in (False, True):
         for door in ("refitter_without_graphs", "refit_module_weights"):
             door_trial("cpu", double_buffer, door)

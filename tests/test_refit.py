@@ -362,20 +362,6 @@ def test_misaligned_safetensors_tensors_are_read_right(tmp_path) -> None:
         assert torch.equal(read[k], v), k
 
 
-def test_upload_runs_join_adjacent_slots_and_cover_every_one() -> None:
-    from torchrefit.refit.commit import CHUNK_BYTES, upload_runs
-
-    item = 2
-    step = 128  # 256-byte alignment in float16 elements
-    slots = [(0, 100), (128, 128), (256, 5), (1024, 8), (1152, 1)]  # a gap before 1024
-    assert upload_runs(slots, item) == [(0, 261), (1024, 1153)]
-    big = CHUNK_BYTES // item
-    slots = [(0, big), (big, step), (big + step, step)]
-    assert upload_runs(slots, item) == [(0, big), (big, big + 2 * step)]
-    covered = upload_runs([(0, 3)], item)
-    assert covered == [(0, 3)]
-
-
 def test_name_map_for_prefixed_checkpoints(tmp_path) -> None:
     from safetensors.torch import save_file
 

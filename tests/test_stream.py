@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import torchrefit
-import torchrefit.refit.commit as commit
+import torchrefit.refit.transfer as transfer
 import torchrefit.refit.evaluate as evaluate
 import torchrefit.refit.files as files
 
@@ -64,28 +64,61 @@ def test_streamed_cast_checks_overflow_before_writing(small_chunks, tmp_path) ->
     assert torch.equal(compiled(*x), before)
 
 
-def test_a_read_failure_midway_leaves_a_module_that_refuses_to_run(
-    small_chunks, tmp_path, monkeypatch
-) -> None:
+def _failing_reads(monkeypatch, at: int) -> list[int]:
+    """File reads (`_read_range` calls) fail from the `at`-th on."""
+    real = transfer._read_range
+    calls: list[int] = []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) >= at:
+            raise OSError("the disk went away")
+        return real(*args)
+
+    monkeypatch.setattr(transfer, "_read_range", failing)
+    return calls
+
+
+def test_a_read_failure_midway_changes_nothing(small_chunks, tmp_path, monkeypatch) -> None:
+    """The file is read into the staging area before anything is written: a read that
+    fails midway leaves the module computing what it did."""
     case = CASES["mlp"]
     a, b = case.build(0), case.build(1)
     compiled = torchrefit.compile(a, case.inputs(), backend="eager")
     path = _file(tmp_path, b)
-    real_copy = commit._Chunks.copy
-    calls = []
+    x = case.inputs()
+    before = compiled(*x)
+    _failing_reads(monkeypatch, 3)
+    with pytest.raises(OSError):
+        torchrefit.refit_module_weights(compiled, path, in_place=True)
+    assert torch.equal(compiled(*x), before)
+    monkeypatch.undo()
+    torchrefit.refit_module_weights(compiled, path, in_place=True)
+    assert_matches(compiled(*x), run_eager(b, *x))
 
-    def failing(self, *args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise OSError("the disk went away")
-        return real_copy(self, *args)
 
-    monkeypatch.setattr(commit._Chunks, "copy", failing)
+def test_a_read_failure_in_a_second_pass_leaves_a_module_that_refuses_to_run(
+    tmp_path, monkeypatch
+) -> None:
+    """A file larger than the staging area is read twice; a failure while the second pass
+    writes leaves the weights it may have reached unset, never a mix that runs."""
+    case = CASES["mlp"]
+    a, b = case.build(0), case.build(1)
+    compiled = torchrefit.compile(a, case.inputs(), backend="eager", staging_bytes=1 << 20)
+    monkeypatch.setattr(transfer.Transfer, "staging_bytes", lambda self: 512)  # many batches
+    path = _file(tmp_path, b)
+    second = transfer.Transfer._second_pass
+
+    def failing_second_pass(self) -> None:
+        _failing_reads(monkeypatch, 2)
+        second(self)
+
+    monkeypatch.setattr(transfer.Transfer, "_second_pass", failing_second_pass)
     with pytest.raises(OSError):
         torchrefit.refit_module_weights(compiled, path, in_place=True)
     with pytest.raises(torchrefit.WeightsNotLoadedError):
         compiled(*case.inputs())
-    monkeypatch.setattr(commit._Chunks, "copy", real_copy)
+    monkeypatch.undo()
     torchrefit.refit_module_weights(compiled, path, in_place=True)
     x = case.inputs()
     assert_matches(compiled(*x), run_eager(b, *x))

@@ -30,11 +30,14 @@ def refit_module_weights(
     use_weight_map_cache: bool = True,
     in_place: bool = False,
     name_map: NameMap | None = None,
+    check_finite: bool | None = None,
 ) -> CompiledModule:
     """Replace the compiled module's weights; all or nothing. Returns the refitted module.
 
     `name_map` renames the new weights' names to the compiled model's: a dict, or a function
-    (returning None drops a name, e.g. optimizer state in a checkpoint)."""
+    (returning None drops a name, e.g. optimizer state in a checkpoint). `check_finite`
+    (default: the module's `Settings.check_finite`) refuses NaN, and inf where the compiled
+    constant held none, before anything is written."""
     started = time.perf_counter()
     state = refittable(compiled_module)
     with state.guard.refit:  # refits of one module run one at a time
@@ -45,7 +48,7 @@ def refit_module_weights(
         if verify_output:
             check_verifiable(new, arg_inputs)
         # a verified in-place refit runs on a copy first: a failed check changes nothing
-        target = commit(compiled_module, values, in_place and not verify_output)
+        target = commit(compiled_module, values, in_place and not verify_output, check_finite)
         if verify_output:
             verify(target, new, matched, arg_inputs, kwarg_inputs)
             target = adopt(compiled_module, target) if in_place else target

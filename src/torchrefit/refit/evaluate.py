@@ -11,6 +11,7 @@ reductions.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ import torch
 from ..copy_kernel import FiniteCheck, finite_kernels_work
 from ..errors import IncompatibleWeightsError, MissingWeightError, WeightValueError
 from ..module import RefitState
-from ..weights import WeightStore, nonfinite
+from ..weights import nonfinite
 from .files import FileTensor, buffer_bytes, peak_magnitude, read_tensor
 from .match import Matched
 from .read import Source
@@ -109,27 +110,6 @@ def _derived(
     return {k: outputs[matched.rename.get(k, k)] for k in derived_keys}
 
 
-def checked(values: Values) -> dict[str, torch.Tensor]:
-    """The values the finiteness check reads: every floating value."""
-    return {k: v for k, v in values.tensors.items() if v.is_floating_point() and v.numel()}
-
-
-def finite_flag(values: Values, state: RefitState) -> torch.Tensor:
-    """One boolean on the engines' device: every value is acceptable. No host sync.
-
-    NaN is always refused; inf only where the constant held none when compiled (a mask may
-    legitimately hold -inf). Values are read where they are: on the device at memory speed,
-    host values by the CPU."""
-    return tensors_flag(checked(values), state.inf_allowed, state.store.device)
-
-
-def tensors_flag(
-    tensors: dict[str, torch.Tensor], inf_allowed: set[str], device: torch.device
-) -> torch.Tensor:
-    """`finite_check` of `tensors`, run once."""
-    return finite_check(tensors, inf_allowed, device)()
-
-
 def finite_check(
     tensors: dict[str, torch.Tensor], inf_allowed: set[str], device: torch.device
 ) -> Callable[[], torch.Tensor]:
@@ -183,39 +163,10 @@ def _by_device(tensors: dict[str, torch.Tensor]) -> dict[torch.device, list[torc
 
 
 def validate(values: Values, state: RefitState) -> None:
-    """Shape, dtype and device of every value, and the finiteness check; raises naming the
-    weight. A double-buffered module checks finiteness as it copies into its standby
-    buffer, or after (`check_written`), at no extra read of the sources."""
+    """Shape, dtype and device of every value, before anything is read or written; raises
+    naming the constant. Values are checked for NaN and inf where they are copied (the
+    commit's `Transfer`): read once, before the first write into a store calls use."""
     check_layout(values, state)
-    if state.settings.double_buffer:
-        return
-    if not bool(finite_flag(values, state)):
-        raise_nonfinite(values.tensors, values.sources, state)
-    _check_streamed(values, state)
-
-
-@dataclass(frozen=True)
-class Flagged:
-    """What a flagged copy checked as it wrote: `flag` (a device int32) is set if one of
-    `keys` holds a value the finiteness check refuses."""
-
-    flag: torch.Tensor
-    keys: frozenset[str]
-
-
-def check_written(
-    store: WeightStore, keys: set[str], state: RefitState, flagged: Flagged | None = None
-) -> None:
-    """The finiteness check over constants just written into a standby buffer. Those a
-    flagged copy wrote are not read again: its flag stands for them. One host sync."""
-    written = {k: store[k] for k in keys if store[k].is_floating_point() and store[k].numel()}
-    covered = flagged.keys if flagged is not None else frozenset()
-    unread = {k: v for k, v in written.items() if k not in covered}
-    ok = tensors_flag(unread, state.inf_allowed, store.device)
-    if flagged is not None:
-        ok = ok & (flagged.flag[0] == 0)
-    if not bool(ok):
-        raise_nonfinite(written, {}, state)
 
 
 def check_layout(values: Values, state: RefitState) -> None:
@@ -237,35 +188,109 @@ def check_layout(values: Values, state: RefitState) -> None:
 
 
 def raise_nonfinite(
-    tensors: dict[str, torch.Tensor], sources: dict[str, Source], state: RefitState
+    tensors: dict[str, torch.Tensor],
+    sources: dict[str, Source],
+    state: RefitState,
+    partial: list[str] | tuple[str, ...] = (),
 ) -> None:
-    """Name the first value the finiteness check refuses."""
-    candidates = {k: v for k, v in tensors.items() if v.is_floating_point() and v.numel()}
-    for key in nonfinite(candidates):
-        value = candidates[key]
+    """Raise naming the first value the finiteness check refuses among `tensors` (by key,
+    or key@start for a range of one); returns if none holds one. `partial`: constants a
+    failed write may have reached, now unset."""
+    candidates = {k: _readable(v) for k, v in tensors.items() if _checked_dtype(v.dtype)}
+    for name in nonfinite({k: v for k, v in candidates.items() if v.numel()}):
+        key = name.split("@", 1)[0]
+        value = candidates[name]
         if key in state.inf_allowed and not bool(torch.isnan(value).any()):
             continue
-        lineage = state.lineage[key]
-        if lineage.kind == "program":
-            raise WeightValueError(
-                f"Engine constant {key!r} (computed from {list(lineage.sources)}) is not "
-                f"finite in {value.dtype}. Check those weights for inf, NaN or a batch norm "
-                "variance below -eps."
-            )
-        peak = _source_peak(sources.get(key))
-        if peak is not None and peak == peak and peak != float("inf"):
-            raise WeightValueError(
-                f"Weight {key!r} overflows {value.dtype} (largest magnitude {peak:.4g}); it "
-                "would become inf. Rescale it, or compile with a wider dtype."
-            )
-        what = (
-            "NaN" if bool(torch.isnan(value).any()) else "inf, which it did not hold when compiled"
+        raise WeightValueError(_refusal(key, value, sources.get(key), state) + unset_note(partial))
+
+
+def _refusal(key: str, value: torch.Tensor, source: Source | None, state: RefitState) -> str:
+    lineage = state.lineage[key]
+    if lineage.kind == "program":
+        return (
+            f"Engine constant {key!r} (computed from {list(lineage.sources)}) is not "
+            f"finite in {value.dtype}. Check those weights for inf, NaN or a batch norm "
+            "variance below -eps."
         )
-        raise WeightValueError(
-            f"Weight {key!r} holds {what}; nothing was written. Refit with finite weights "
-            "(check the training step that produced them)."
+    peak = _source_peak(source)
+    if peak is not None and peak == peak and peak != float("inf"):
+        return (
+            f"Weight {key!r} overflows {value.dtype} (largest magnitude {peak:.4g}); it "
+            "would become inf. Rescale it, or compile with a wider dtype."
         )
-    raise AssertionError("the finiteness check refused values that no check names")
+    nan = bool(torch.isnan(value).any())
+    what = "NaN" if nan else "inf, which it did not hold when compiled"
+    return (
+        f"Weight {key!r} holds {what}; nothing was written. Refit with finite weights "
+        "(check the training step that produced them)."
+    )
+
+
+def unset_note(partial: list[str] | tuple[str, ...]) -> str:
+    if not partial:
+        return ""
+    return (
+        f" The source changed while it was read twice (it is larger than staging_bytes), so "
+        f"{len(partial)} constants may hold new values: they are marked unset and the module "
+        "refuses to run until a refit succeeds."
+    )
+
+
+def _checked_dtype(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point or dtype.is_complex
+
+
+def _real(value: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as its real and imaginary parts (NaN in either is NaN)."""
+    return torch.view_as_real(value) if value.is_complex() else value
+
+
+def refused_on_cpu(tensors: dict[str, torch.Tensor], inf_allowed: set[str]) -> bool:
+    """Whether a value holds NaN, or inf outside `inf_allowed`: torch reductions wherever
+    the tensors are, one host sync (see `all_finite`)."""
+    strict = [_readable(v) for k, v in tensors.items() if k not in inf_allowed and v.numel()]
+    if strict and not all_finite(strict):
+        return True
+    return any(
+        bool(torch.isnan(_readable(v)).any()) for k, v in tensors.items() if k in inf_allowed
+    )
+
+
+def all_finite(values: list[torch.Tensor]) -> bool:
+    """Whether every value is finite. One norm per tensor, one launch per dtype: a norm is
+    NaN or inf when a value is (IEEE arithmetic propagates both) and reads at memory speed
+    without a temporary; only a norm that is not finite (a refusal, or a finite overflow
+    of the norm itself) is looked at exactly."""
+    return finite_groups(by_dtype(values))
+
+
+def by_dtype(values: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for value in values:
+        groups.setdefault(value.dtype, []).append(_readable(value))
+    return list(groups.values())
+
+
+def finite_groups(groups: list[list[torch.Tensor]]) -> bool:
+    """`all_finite` of values grouped by dtype (`by_dtype`), planned once by callers that
+    check the same tensors every time."""
+    for group in groups:
+        norms = torch.stack(torch._foreach_norm(group, 2))
+        if bool(torch.isfinite(norms).all()):
+            continue
+        for value in group:
+            low, high = torch.aminmax(value)
+            if not (math.isfinite(float(low)) and math.isfinite(float(high))):
+                return False
+    return True
+
+
+def _readable(value: torch.Tensor) -> torch.Tensor:
+    """`value` as torch's reductions read it: complex as real pairs, one-byte floats
+    (float8) upcast."""
+    value = _real(value)
+    return value.float() if value.element_size() == 1 else value
 
 
 def _source_peak(source: Source | None) -> float | None:
@@ -277,7 +302,7 @@ def _source_peak(source: Source | None) -> float | None:
     return None
 
 
-def _check_streamed(values: Values, state: RefitState) -> None:
+def name_streamed(values: Values, state: RefitState) -> None:
     """A reading pass over floating file weights (NaN, inf, a narrowing cast's overflow);
     no write."""
     scratch: torch.Tensor | None = None

@@ -11,7 +11,7 @@ import torch.utils._pytree as pytree
 
 from ..errors import RefitVerificationError, TorchRefitError
 from ..module import CompiledModule
-from .commit import write
+from .commit import rewrite
 from .evaluate import evaluate, validate
 from .match import Matched, slow
 from .read import NewWeights
@@ -93,19 +93,29 @@ def verify(
         state = target._torchrefit
         values = evaluate(slow(new, state, arg_inputs, kwarg_inputs), state)
         validate(values, state)
-        write(state.store, values.tensors)
+        rewrite(target, values)
         error = compare_outputs(target(*arg_inputs, **(kwarg_inputs or {})), reference)
     if error is not None:
         raise RefitVerificationError(
-            f"After the refit, {error}. The module was left as it was before the refit. Either "
-            "the new weights' model computes something else than the compiled one (another "
-            "forward), or this is a torchrefit bug: please report it with the model."
+            f"After the refit, {error}. The module was left as it was before the refit. The "
+            "new weights' model computes something else than the compiled one (another "
+            "forward, or random ops); if it is the compiled model and deterministic, please "
+            "report it with the model."
         )
 
 
 def _reference(new: NewWeights, args: tuple[Any, ...], kwargs: Any) -> Any:
+    """Eager outputs with the new weights. A trainer in training mode runs in eval mode for
+    it (the engines were compiled in eval semantics: dropout off), then goes back."""
     with torch.no_grad():
         if new.program is not None:
             return new.program.module()(*args, **(kwargs or {}))
-        assert new.module is not None  # check_verifiable ran first
-        return new.module(*args, **(kwargs or {}))
+        module = new.module
+        assert module is not None  # check_verifiable ran first
+        training = {m: m.training for m in module.modules()}
+        module.eval()
+        try:
+            return module(*args, **(kwargs or {}))
+        finally:
+            for m, mode in training.items():
+                m.training = mode

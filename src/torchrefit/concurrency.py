@@ -4,7 +4,12 @@ weight set, and refits of one module run one at a time.
 `Guard` is a readers-writer lock (calls read, the commit writes; a waiting writer goes
 first, so refits are not starved by a stream of calls) and a mutex that serializes whole
 refits. On CUDA it also orders the GPU work without a device-wide sync: a commit's stream
-waits for the calls already launched, and a call's stream waits for the last commit.
+waits for the work already queued on every stream that made calls, and a call's stream
+waits (once per commit) for the last commit's writes.
+
+A call's cost is what the hot path can afford: two acquisitions of a plain lock and, on
+CUDA, one look-up of the current stream; no event is recorded per call (a commit records
+one on each calling stream instead, when it needs them).
 """
 
 from __future__ import annotations
@@ -17,6 +22,12 @@ from typing import Any
 import torch
 
 
+def stream_of(device: torch.device) -> int:
+    """The current CUDA stream's id on `device` (no Stream object is made)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return int(torch._C._cuda_getCurrentStream(index)[0])
+
+
 class Guard:
     def __init__(self) -> None:
         self.refit = threading.RLock()  # held for a whole refit: read .. commit
@@ -24,35 +35,55 @@ class Guard:
         self._readers = 0
         self._writing = False
         self._writers_waiting = 0
-        self._calls: dict[Any, Any] = {}  # CUDA stream -> event after its last call's launch
-        self._committed: Any = None  # CUDA event after the last commit's writes
-        self._waited: dict[Any, Any] = {}  # CUDA stream -> the commit event it last waited for
+        self._streams: dict[int, Any] = {}  # CUDA stream id -> Stream, of streams that called
+        self._committed: Any = None  # CUDA event recorded after each commit's writes
+        self._commits = 0
+        self._waited: dict[int, int] = {}  # CUDA stream id -> the commit it last waited for
 
-    @contextmanager
-    def reading(self, device: torch.device) -> Iterator[None]:
-        """Around a call: no commit writes while it launches its work."""
+    # -- calls ------------------------------------------------------------------------------
+
+    def begin_read(self, device: torch.device) -> None:
+        """Before a call launches its work: no commit writes meanwhile; on CUDA the call's
+        stream waits for the last commit's writes (once per commit). End with `end_read`."""
         with self._cond:
             while self._writing or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
+        if device.type != "cuda":
+            return
         try:
-            stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-            committed = self._committed
-            if stream is not None and committed is not None:
-                # a stream that waited for this commit stays behind it: wait once per commit
-                if self._waited.get(stream) is not committed:
-                    stream.wait_event(committed)
-                    # after the wait is queued; a wait captured into a graph orders nothing
-                    if not torch.cuda.is_current_stream_capturing():
-                        self._waited[stream] = committed
+            self._follow_commits(device)
+        except BaseException:
+            self.end_read()
+            raise
+
+    def _follow_commits(self, device: torch.device) -> None:
+        sid = stream_of(device)
+        stream = self._streams.get(sid)
+        if stream is None:
+            stream = self._streams[sid] = torch.cuda.current_stream(device)
+        if self._commits and self._waited.get(sid) != self._commits:
+            stream.wait_event(self._committed)
+            # a wait captured into a graph orders nothing later: remember only real ones
+            if not torch.cuda.is_current_stream_capturing():
+                self._waited[sid] = self._commits
+
+    def end_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
+
+    @contextmanager
+    def reading(self, device: torch.device) -> Iterator[None]:
+        """Around a call (`begin_read` .. `end_read`)."""
+        self.begin_read(device)
+        try:
             yield
-            if stream is not None:
-                self._record_call(stream)
         finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+            self.end_read()
+
+    # -- commits ----------------------------------------------------------------------------
 
     @contextmanager
     def writing(self, device: torch.device) -> Iterator[None]:
@@ -69,27 +100,21 @@ class Guard:
                 self.wait_for_calls(device)
             yield
             if device.type == "cuda":
-                event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(device))
-                self._committed = event
+                if self._committed is None:
+                    self._committed = torch.cuda.Event()
+                self._committed.record(torch.cuda.current_stream(device))
+                self._commits += 1
         finally:
             with self._cond:
                 self._writing = False
                 self._cond.notify_all()
 
     def wait_for_calls(self, device: torch.device) -> None:
-        """The current stream waits for every call launched so far (no host sync)."""
-        stream = torch.cuda.current_stream(device)
-        with self._cond:
-            events = list(self._calls.values())
-        for event in events:
-            stream.wait_event(event)
-
-    def _record_call(self, stream: Any) -> None:
-        """Mark the end of this call's launches on its stream. One event per stream,
-        recorded again each call: a wait on it waits for the latest record."""
-        with self._cond:
-            event = self._calls.get(stream)
-            if event is None:
-                event = self._calls[stream] = torch.cuda.Event()
-            event.record(stream)
+        """The current stream waits for the work queued so far on every stream that made
+        calls (no host sync)."""
+        current = stream_of(device)
+        streams = [s for sid, s in list(self._streams.items()) if sid != current]
+        if streams:
+            stream = torch.cuda.current_stream(device)
+            for other in streams:
+                stream.wait_stream(other)

@@ -302,15 +302,22 @@ class CompiledModule(fx.GraphModule):
             for name, x, g in zip(names, given, state.guards, strict=True)
         ]
         _check_equal_dims(flat, state.guards, names)
-        with state.guard.reading(state.store.device):  # one complete weight set per call
+        guard = state.guard
+        guard.begin_read(state.store.device)  # one complete weight set per call
+        try:
             store = state.store
-            if graphs and _all_cuda(flat):
-                outputs = self._graphs(store).run(flat)
+            if graphs and _all_cuda(flat):  # outputs are the graph's copies: never a constant
+                outputs = _apply_mutations(
+                    self._graphs(store).run(flat), state.mutations, store, given
+                )
             else:
-                outputs = super().__call__(*flat)
-            outputs = _apply_mutations(list(outputs), state.mutations, store, given)
-            owned = [_owned(y, store) for y in outputs]
-        return pytree.tree_unflatten(owned, state.out_spec)
+                outputs = _apply_mutations(
+                    list(super().__call__(*flat)), state.mutations, store, given
+                )
+                outputs = [_owned(y, store) for y in outputs]
+        finally:
+            guard.end_read()
+        return pytree.tree_unflatten(outputs, state.out_spec)
 
     def _graphs(self, store: WeightStore) -> CudaGraphs:
         """The CUDA graphs that read `store` (a double-buffered module has one set per bank)."""

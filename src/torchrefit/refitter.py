@@ -1,9 +1,14 @@
 """A refit bound to fixed source tensors: read and matched once, then each call evaluates,
-validates and commits their current values through the refit core, replayed as two CUDA
-graphs where it can be (the evaluate stage with its finiteness flag; the commit's copy plan).
+checks and commits their current values through the refit core, replayed as one CUDA graph
+per target bank where it can be (the weight program, the check, the gated or flagged copy).
 
 For loops that update weights in place (an optimizer's step, an RL learner, a pinned host
 buffer refilled from a checkpoint) and push them into inference every few steps.
+
+A call's host work is O(1) in the number of weights: whether a bound tensor was replaced
+(`module.w = Parameter(...)`, `load_state_dict(..., assign=True)`) is known from torch's
+registration hooks, which bump one counter; whether one's memory moved (`w.data = ...`) is
+one C-level comparison of the bound data pointers with a snapshot.
 """
 
 from __future__ import annotations
@@ -15,22 +20,21 @@ from typing import Any
 
 import torch
 
-from .errors import TorchRefitError, WeightDtypeError, WeightShapeError
-from .module import CompiledModule, RefitState
+from .errors import TorchRefitError, WeightDtypeError, WeightShapeError, WeightValueError
+from .module import CompiledModule
 from .refit import refittable
-from .refit.commit import CopyPlan, commit, commit_by, copy_plan
+from .refit.commit import commit, commit_by
 from .refit.evaluate import (
-    Flagged,
+    Values,
+    by_dtype,
     check_layout,
-    checked,
     evaluate,
-    finite_check,
+    finite_groups,
     raise_nonfinite,
-    tensors_flag,
-    validate,
 )
 from .refit.match import Matched, fast
-from .refit.read import read
+from .refit.read import NameMap, read
+from .refit.transfer import Transfer, floating
 from .weights import WeightStore
 
 logger = logging.getLogger("torchrefit")
@@ -40,14 +44,15 @@ class Refitter:
     """`Refitter(compiled, weights)()` refits `compiled` from `weights`' current values.
 
     `weights` is an nn.Module or a state_dict; its tensors are bound once (by identity, not
-    by name): after replacing a tensor object, make a new Refitter. Each call is all or
-    nothing, like `refit_module_weights(..., in_place=True)`.
+    by name): a bound tensor that is replaced or whose memory moves is refused (make a new
+    Refitter). `name_map` renames the weights' names to the compiled model's, as for
+    `refit_module_weights` (a dict, or a function; None from it drops a name). Each call is
+    all or nothing, like `refit_module_weights(..., in_place=True)`.
 
-    `check_finite=False` skips the NaN/inf check of the new values before a plain module's
-    copy (a full read of them before the first write): for trainers whose weights are known
-    finite. A double-buffered module checks what it writes into its standby bank either
-    way, so it never serves a NaN; on CUDA its copy kernel checks as it copies, at no
-    extra read.
+    `check_finite` (default: the module's `Settings.check_finite`) refuses NaN, and inf
+    where the compiled constant held none, before anything is served: a plain module
+    checks the new values on the device before its copy (the copy is gated by the check),
+    a double-buffered one as it copies into its standby bank. False copies without looking.
     """
 
     def __init__(
@@ -56,45 +61,124 @@ class Refitter:
         weights: Any,
         *,
         cuda_graph: bool = True,
-        check_finite: bool = True,
+        check_finite: bool | None = None,
+        name_map: NameMap | None = None,
     ) -> None:
         self.module = compiled
-        self.check_finite = check_finite
         self.state = refittable(compiled)
+        self.check_finite = (
+            self.state.settings.check_finite if check_finite is None else bool(check_finite)
+        )
         if isinstance(weights, (str, os.PathLike)):
             raise TorchRefitError(
                 "A Refitter binds tensors that change in place; a file is read once. Refit from "
                 "a file with torchrefit.refit_module_weights(module, path, in_place=True)."
             )
-        self.matched: Matched = fast(read(weights, self.state.specs), self.state)
+        self.matched: Matched = fast(read(weights, self.state.specs, name_map), self.state)
         self.tensors = _tensors(self.matched)
-        # the caller's own tensor objects (a Parameter whose .data is swapped stays the same
-        # object, while the detached alias bound above keeps the old memory)
-        self._originals = _originals(weights, self.tensors)
-        self._bound = _signature(self._originals)
+        self._binding = Binding(weights, self.tensors, name_map)
         self._graphs: _Graphs | None = None
+        self._host: _Host | None = None
         if cuda_graph and self._capturable():
-            self._graphs = _Graphs(self.matched, self.state, check_finite)
+            self._graphs = _Graphs.capture(self)
+        else:
+            self._host = _Host.plan(self)
 
     def __call__(self) -> None:
-        self._check_bound()
+        self._binding.check()
         with self.state.guard.refit:
-            if self._graphs is None:
-                values = evaluate(self.matched, self.state)
-                # without the check, what validate does for a double-buffered module
-                (validate if self.check_finite else check_layout)(values, self.state)
-                commit(self.module, values, in_place=True)
-            else:
-                self._graphs.run(self.module)
+            if self._graphs is not None:
+                self._graphs.run()
+                return
+            if self._host is not None:
+                commit_by(self.module, self._host.keys, self._host.writer)
+                return
+            values = evaluate(self.matched, self.state)
+            check_layout(values, self.state)
+            commit(self.module, values, in_place=True, check=self.check_finite)
 
-    def _check_bound(self) -> None:
-        """A bound tensor changed dtype, shape or memory in place (`.data = ...`): refuse, as
-        a refit from it would (and a captured graph would read the old memory). One list
-        comparison per call; the loop below only names what changed."""
-        if _signature(self._originals) == self._bound:
-            return
-        for (fqn, tensor), (ptr, dtype, shape) in zip(
-            self._originals.items(), self._bound, strict=True
+    def _capturable(self) -> bool:
+        device = self.state.store.device
+        if device.type != "cuda":
+            return False
+        return all(
+            t.device == device or (t.is_pinned() and t.is_contiguous())
+            for t in self.tensors.values()
+        )
+
+
+# -- what is bound ---------------------------------------------------------------------------
+
+_REGISTRATIONS = [0]  # parameters, buffers and modules (re)registered anywhere, counted
+_HOOKS: list[Any] = []
+
+
+def _registered(*_: Any) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+def _watch_registrations() -> None:
+    """torch's global registration hooks bump one counter: a parameter, buffer or module
+    assigned to any module (`m.w = Parameter(...)`, `load_state_dict(assign=True)`)."""
+    if _HOOKS:
+        return
+    hooks = torch.nn.modules.module
+    _HOOKS.extend(
+        [
+            hooks.register_module_parameter_registration_hook(_registered),
+            hooks.register_module_buffer_registration_hook(_registered),
+            hooks.register_module_module_registration_hook(_registered),
+        ]
+    )
+
+
+_SAME_POINTERS = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
+_DATA_PTR = torch.Tensor.data_ptr
+
+
+class Binding:
+    """The caller's own tensor objects behind the bound aliases, and where a module holds
+    them. `check()` is O(1) in Python: the registration counter, then one C-level
+    comparison of the objects' data pointers with the snapshot taken at binding."""
+
+    def __init__(self, weights: Any, bound: dict[str, torch.Tensor], name_map: NameMap | None):
+        _watch_registrations()
+        self.generation = _REGISTRATIONS[0]
+        self.owners = _owners(weights, bound, name_map)  # fqn -> (module, slot, attr, tensor)
+        self.originals = _originals(weights, bound, self.owners, name_map)
+        self.names = list(self.originals)
+        self.objects = list(self.originals.values())
+        self.snapshot = [(t.dtype, t.shape) for t in self.objects]
+        self.pointers: list[int | None] = [t.data_ptr() for t in self.objects]
+        self.indices = list(range(len(self.objects)))
+
+    def check(self) -> None:
+        if _REGISTRATIONS[0] != self.generation:
+            self._check_objects()
+            self.generation = _REGISTRATIONS[0]
+        if _SAME_POINTERS is not None:
+            same = _SAME_POINTERS(self.objects, self.pointers, self.indices)
+        else:
+            same = list(map(_DATA_PTR, self.objects)) == self.pointers
+        if not same:
+            self._explain()
+
+    def _check_objects(self) -> None:
+        """Each bound weight is still the object its module holds (run only after some
+        registration happened somewhere)."""
+        for fqn, (module, slot, attr, tensor) in self.owners.items():
+            if getattr(module, slot).get(attr) is not tensor:
+                raise TorchRefitError(
+                    f"Bound weight {fqn!r} was replaced by another tensor object since the "
+                    "Refitter was made (module.<name> = Parameter(...), or "
+                    "load_state_dict(..., assign=True)); this Refitter would keep copying the "
+                    "old one. Make a new Refitter."
+                )
+
+    def _explain(self) -> None:
+        """Name what changed: a dtype, a shape, or the memory (its .data was replaced)."""
+        for fqn, tensor, (dtype, shape), ptr in zip(
+            self.names, self.objects, self.snapshot, self.pointers, strict=True
         ):
             if tensor.dtype != dtype:
                 raise WeightDtypeError(
@@ -112,27 +196,50 @@ class Refitter:
                     "a Refitter binds tensors once. Make a new Refitter."
                 )
 
-    def _capturable(self) -> bool:
-        device = self.state.store.device
-        if device.type != "cuda":
-            return False
-        return all(
-            t.device == device or (t.is_pinned() and t.is_contiguous())
-            for t in self.tensors.values()
-        )
+
+def _owners(
+    weights: Any, bound: dict[str, torch.Tensor], name_map: NameMap | None
+) -> dict[str, tuple[torch.nn.Module, str, str, torch.Tensor]]:
+    """For a module: each bound weight's owning module, dict (`_parameters`/`_buffers`),
+    attribute name and object."""
+    if not isinstance(weights, torch.nn.Module):
+        return {}
+    owners: dict[str, tuple[torch.nn.Module, str, str, torch.Tensor]] = {}
+    for name, module in weights.named_modules(remove_duplicate=False):
+        prefix = f"{name}." if name else ""
+        for slot in ("_parameters", "_buffers"):
+            for attr, tensor in getattr(module, slot).items():
+                fqn = _mapped(prefix + attr, name_map)
+                if fqn is not None and fqn in bound and tensor is not None:
+                    owners.setdefault(fqn, (module, slot, attr, tensor))
+    return owners
 
 
-def _originals(weights: Any, bound: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _originals(
+    weights: Any,
+    bound: dict[str, torch.Tensor],
+    owners: dict[str, tuple[torch.nn.Module, str, str, torch.Tensor]],
+    name_map: NameMap | None,
+) -> dict[str, torch.Tensor]:
+    """The caller's tensor objects (a Parameter whose .data is swapped stays the same object,
+    while the detached alias bound keeps the old memory)."""
     if isinstance(weights, torch.nn.Module):
-        given: dict[str, Any] = dict(weights.named_parameters(remove_duplicate=False))
-        given.update(weights.named_buffers(remove_duplicate=False))
+        given = {fqn: entry[3] for fqn, entry in owners.items()}
     else:
-        given = dict(weights)
-    return {k: given[k] if isinstance(given.get(k), torch.Tensor) else t for k, t in bound.items()}
+        given = {}
+        for name, tensor in dict(weights).items():
+            fqn = _mapped(name, name_map)
+            if fqn is not None and isinstance(tensor, torch.Tensor):
+                given.setdefault(fqn, tensor)
+    return {k: given.get(k, t) for k, t in bound.items()}
 
 
-def _signature(tensors: dict[str, torch.Tensor]) -> list[tuple[int, torch.dtype, torch.Size]]:
-    return [(t.data_ptr(), t.dtype, t.shape) for t in tensors.values()]
+def _mapped(name: str, name_map: NameMap | None) -> str | None:
+    if name_map is None:
+        return name
+    if isinstance(name_map, dict):
+        return name_map.get(name, name)
+    return name_map(name)  # type: ignore[operator]
 
 
 def _tensors(matched: Matched) -> dict[str, torch.Tensor]:
@@ -142,68 +249,155 @@ def _tensors(matched: Matched) -> dict[str, torch.Tensor]:
     return tensors
 
 
-class _Graphs:
-    """The core's evaluate stage, its finiteness check, and the commit's copy plan (one per
-    buffer a double-buffered module flips between), each captured as a CUDA graph over the
-    bound tensors. A plain module checks before it copies (a second graph, made once the
-    values' memory is fixed); a double-buffered one flags as it copies into its standby."""
+# -- CPU engines ---------------------------------------------------------------------------
 
-    def __init__(self, matched: Matched, state: RefitState, check_finite: bool) -> None:
-        self.matched, self.state = matched, state
-        self.host_sources = any(not t.is_cuda for t in _tensors(matched).values())
+
+class _Host:
+    """A CPU engine whose new values are the bound tensors themselves (no cast, no weight
+    program): each call checks them with one norm launch per dtype and copies them with one
+    `_foreach_copy_`, planned once, so its Python work does not grow with the weights."""
+
+    @classmethod
+    def plan(cls, refitter: Refitter) -> _Host | None:
+        state, matched = refitter.state, refitter.matched
+        if state.store.device.type != "cpu" or matched.weight_program.outputs:
+            return None
+        values = evaluate(matched, state)
+        check_layout(values, state)
+        bound = refitter.tensors
+        if values.streamed or any(bound.get(k) is not v for k, v in values.tensors.items()):
+            return None  # a cast, or a value the refit reads from elsewhere
+        if any(v.dtype.itemsize == 1 and floating(v.dtype) for v in values.tensors.values()):
+            return None  # float8: torch's norms read an upcast copy, made per call
+        return cls(refitter, values)
+
+    def __init__(self, refitter: Refitter, values: Values) -> None:
+        self.refitter, self.values = refitter, values
+        self.keys = set(values.tensors)
+        self.sources = list(values.tensors.values())
+        inf_ok = refitter.state.inf_allowed
+        checked = {k: v for k, v in values.tensors.items() if floating(v.dtype) and v.numel()}
+        self.strict = by_dtype([v for k, v in checked.items() if k not in inf_ok])
+        self.loose = [v for k, v in checked.items() if k in inf_ok]  # inf allowed, NaN not
+        self.targets: dict[int, list[torch.Tensor]] = {}
+
+    def writer(self, store: WeightStore, live: bool) -> _HostWriter:
+        targets = self.targets.get(id(store))
+        if targets is None:
+            targets = self.targets[id(store)] = [store[k] for k in self.values.tensors]
+        return _HostWriter(self, targets)
+
+
+class _HostWriter:
+    def __init__(self, plan: _Host, targets: list[torch.Tensor]) -> None:
+        self.plan, self.targets = plan, targets
+
+    def stage(self) -> None:
+        plan = self.plan
+        if not plan.refitter.check_finite:
+            return
+        if not finite_groups(plan.strict) or any(bool(v.isnan().any()) for v in plan.loose):
+            state = plan.refitter.state
+            raise_nonfinite(plan.values.tensors, plan.values.sources, state)
+            raise WeightValueError("A bound weight held NaN or inf while it was read.")
+
+    def write(self) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self.targets, self.plan.sources)
+
+    def verdict(self) -> None:
+        return
+
+
+# -- CUDA graphs ---------------------------------------------------------------------------
+
+
+class _Graphs:
+    """The core's evaluate stage and its `Transfer` into each target bank, captured as one
+    CUDA graph per bank over the bound tensors: the weight program, then (plain) the check
+    and the copy gated by it, or (double-buffered) the copy flagged as it writes. The host
+    replays one graph and reads one flag per call."""
+
+    def __init__(self, refitter: Refitter, values: Values, compute: torch.cuda.CUDAGraph | None):
+        self.refitter, self.values, self.compute = refitter, values, compute
+        self.keys = set(values.keys())
+        self.banks: dict[int, _Bank] = {}
+
+    @classmethod
+    def capture(cls, refitter: Refitter) -> _Graphs | None:
+        """Warm the weight program up outside a graph, then capture it (its outputs stay
+        in the graph's memory: the values each replay recomputes)."""
+        state, matched = refitter.state, refitter.matched
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():
             evaluate(matched, state)  # warm up outside the graph
         torch.cuda.current_stream().wait_stream(side)
-        self.compute = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.compute), torch.no_grad():
-            self.values = evaluate(matched, state)  # the graph writes here: keep the memory ours
-        self.check: tuple[Callable[[], torch.Tensor], torch.cuda.CUDAGraph, torch.Tensor] | None
-        self.check, self.on_host = None, {}
-        if check_finite and not state.settings.double_buffer:
-            values = checked(self.values)
-            # pinned host weights copied as they are: the CPU checks them before each copy
-            self.on_host = {k: v for k, v in values.items() if not v.is_cuda}
-            on_device = {k: v for k, v in values.items() if v.is_cuda}
-            check = finite_check(on_device, state.inf_allowed, state.store.device)
-            check()  # outside the graph first: self-tests, kernel compiles
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                ok = check()
-            self.check = (check, graph, ok)  # the check's tables must outlive its graph
-        # per target buffer: the copy plan (its tables must outlive the graph) and its graph
-        self.copies: dict[int, tuple[CopyPlan, torch.cuda.CUDAGraph]] = {}
-        logger.info("refit of %d constants captured as CUDA graphs", len(self.values.tensors))
+        compute = None
+        if matched.weight_program.outputs:
+            compute = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(compute), torch.no_grad():
+                values = evaluate(matched, state)
+        else:
+            values = evaluate(matched, state)  # no computation: the bound tensors themselves
+        check_layout(values, state)
+        graphs = cls(refitter, values, compute)
+        logger.info("refit of %d constants captured as CUDA graphs", len(values.tensors))
+        return graphs
 
-    def run(self, module: CompiledModule) -> None:
-        state = self.state
-        self.compute.replay()
-        if self.check is not None:
-            _, graph, ok = self.check
-            graph.replay()
-            host_ok = tensors_flag(self.on_host, state.inf_allowed, torch.device("cpu"))
-            if not (bool(ok) and bool(host_ok)):  # the one host sync: nothing written yet
-                raise_nonfinite(self.values.tensors, self.values.sources, state)
-        commit_by(module, set(self.values.tensors), self._replay_copy)
-        if self.host_sources:
-            torch.cuda.current_stream().synchronize()  # the caller may overwrite its host buffers
+    def run(self) -> None:
+        commit_by(self.refitter.module, self.keys, self._bank)
 
-    def _replay_copy(self, store: WeightStore) -> Flagged | None:
-        """Copy into `store`; into a standby, the copy flags what it writes, and the flag is
-        read once, before the flip (`check_written`)."""
-        if id(store) not in self.copies:
-            standby = self.state.settings.double_buffer
-            inf_allowed = self.state.inf_allowed if standby else None
-            plan = copy_plan(store, self.values.tensors, inf_allowed)
-            self.copies[id(store)] = (plan, _captured(plan))
-        plan, graph = self.copies[id(store)]
-        graph.replay()
-        return plan.flagged
+    def _bank(self, store: WeightStore, live: bool) -> _Bank:
+        bank = self.banks.get(id(store))
+        if bank is None:
+            bank = self.banks[id(store)] = _Bank(self, store, live)
+        return bank
+
+
+class _Bank:
+    """The writer for one target bank: a Transfer of the captured values, replayed."""
+
+    def __init__(self, graphs: _Graphs, store: WeightStore, live: bool) -> None:
+        refitter = graphs.refitter
+        self.graphs = graphs
+        self.transfer = Transfer(
+            refitter.state,
+            store,
+            graphs.values,
+            check=refitter.check_finite,
+            live=live,
+            tables={},
+        )
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if not self.transfer.capturable():
+            logger.info("this refit cannot be captured (host copies); it runs uncaptured")
+
+    def stage(self) -> None:
+        return
+
+    def write(self) -> None:
+        if self.graphs.compute is not None:
+            self.graphs.compute.replay()  # the weight program, into the values' memory
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        self._run_eagerly()
+        if self.transfer.capturable():
+            self.graph = _captured(self._run_eagerly)
+
+    def _run_eagerly(self) -> None:
+        if self.transfer.flag is not None:
+            self.transfer.flag.zero_()
+        self.transfer.stage()
+        self.transfer.write()
+
+    def verdict(self) -> None:
+        self.transfer.verdict()
 
 
 def _captured(run: Callable[[], None]) -> torch.cuda.CUDAGraph:
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph), torch.no_grad():
         run()
     return graph

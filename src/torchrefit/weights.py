@@ -53,7 +53,6 @@ class WeightStore:
 
     def __init__(self, values: dict[str, torch.Tensor], *, copy_values: bool = True) -> None:
         self.arenas: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        self.mirrors: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # pinned, lazily
         self.tensors: dict[str, torch.Tensor] = {}
         layout: dict[tuple[torch.device, torch.dtype], list[tuple[str, int]]] = {}
         sizes: dict[tuple[torch.device, torch.dtype], int] = {}
@@ -96,7 +95,11 @@ class WeightStore:
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.arenas))[0] if self.arenas else torch.device("cpu")
+        device = self.__dict__.get("_device")
+        if device is None:  # arenas are made once, at init
+            device = next(iter(self.arenas))[0] if self.arenas else torch.device("cpu")
+            self.__dict__["_device"] = device
+        return device
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())

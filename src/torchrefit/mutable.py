@@ -27,7 +27,7 @@ import torch.utils._pytree as pytree
 from .api import load
 from .compile import compile as compile_model
 from .decoder import compile_lm
-from .errors import IncompatibleWeightsError, InputError, TorchRefitError
+from .errors import IncompatibleWeightsError, InputError, TorchRefitError, WeightValueError
 from .export import TRACING
 from .lm import CompiledLM
 from .lora import LoraTrace, lora_trace, lora_views
@@ -39,6 +39,7 @@ from .refit.match import Matched, fast
 from .refit.read import NewWeights, Source, module_tensors
 from .serialize import save
 from .settings import Settings
+from .watch import Watch
 
 logger = logging.getLogger("torchrefit")
 
@@ -55,6 +56,7 @@ class _Variant:
     inputs: tuple | None
     compiled: CompiledModule
     seen: dict[str, tuple[int, int, tuple[int, ...]]] = field(default_factory=dict)
+    stamps: dict[str, int] = field(default_factory=dict)  # `.data` accesses refitted
     snapshots: dict[str, torch.Tensor] = field(default_factory=dict)  # weights the store hides
 
     def difference(self, modules: Modules) -> str | None:
@@ -85,6 +87,7 @@ class MutableModule(torch.nn.Module):
             compiles=0,
             refits=0,
             _lock=threading.RLock(),
+            _watch=Watch() if check_values else None,
         )
 
     # -- behave like the wrapped model ------------------------------------------------------
@@ -314,17 +317,44 @@ class MutableModule(torch.nn.Module):
     ) -> _Variant:
         """A variant from `compile_fn`, keyed by what its trace read, its weights recorded."""
         lora = lora_trace(self.model)
+        seen, _ = self._identities()  # before the trace reads the weights
         with TRACING, recording(self.model) as record:
             compiled = compile_fn()
         variant = _Variant(record.reads().without(lora.handled()), lora, inputs, compiled)
         self.__dict__["compiles"] += 1
-        self._record(variant, self._weights(variant, dict(self.model.named_modules())))
+        self._watch_weights(variant)
+        if self._watch is not None:
+            variant.stamps = dict(self._watch.stamps)
+        variant.seen = seen
+        variant.snapshots = self._snapshots(
+            variant, self._weights(variant, dict(self.model.named_modules()))
+        )
         return variant
+
+    def _identities(self) -> tuple[dict[str, tuple[int, int, tuple[int, ...]]], set[str]]:
+        """Each weight's storage, version and shape, as the next refit will read it; and
+        the parameters whose memory another tensor shares now (an alias taken before the
+        watch began, through which `.data` writes go unseen): those are compared by value
+        while the alias lives."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        shared = {f for f, t in params.items() if _shared(t)} if self._check_values else set()
+        tensors: dict[str, torch.Tensor] = dict(params)
+        tensors.update(self.model.named_buffers(remove_duplicate=False))
+        return {f: _identity(t) for f, t in tensors.items()}, shared
 
     def _weights(self, variant: _Variant, modules: Modules) -> dict[str, torch.Tensor]:
         weights = module_tensors(self.model, variant.compiled._torchrefit.specs)
         weights.update(lora_views(modules, variant.lora))
         return weights
+
+    def _watch_weights(self, variant: _Variant) -> None:
+        """`.data` accesses of the model's parameters that the variant holds reach the watch
+        (a parameter replaced since is watched from now on)."""
+        if self._watch is None:
+            return
+        specs = variant.compiled._torchrefit.specs
+        named = self.model.named_parameters(remove_duplicate=False)
+        self._watch.watch((n, p) for n, p in named if n in specs)
 
     def _sync(self, variant: _Variant, modules: Modules) -> bool:
         """Refit what changed; False when only a recompile can follow the change."""
@@ -333,7 +363,8 @@ class MutableModule(torch.nn.Module):
 
     def _sync_locked(self, variant: _Variant, modules: Modules) -> bool:
         state = variant.compiled._torchrefit
-        current = self._weights(variant, modules)
+        seen, shared = self._identities()  # taken before any value is read: a write that
+        current = self._weights(variant, modules)  # lands during the refit counts next call
         named: dict[str, Source] = {
             k: t for k, t in current.items() if k in state.specs or k in state.aliases
         }
@@ -341,36 +372,56 @@ class MutableModule(torch.nn.Module):
             matched = fast(NewWeights(named, "module"), state)
         except IncompatibleWeightsError:
             return False
-        changed = self._changed(variant, current)
-        if not changed:
-            return True
-        try:
-            self._refit(variant.compiled, matched, changed)
-        except TorchRefitError as exc:
-            warnings.warn(f"torchrefit: refit failed ({exc}); recompiling", stacklevel=3)
-            return False
-        self._record(variant, current)
+        changed, stamps = self._changed(variant, current, seen, shared)
+        if changed:
+            snapshots = self._snapshots(variant, current)  # what this refit reads
+            try:
+                self._refit(variant.compiled, matched, changed)
+            except WeightValueError:
+                raise  # refused (NaN, inf): the engines keep their weights; never recompile
+            except TorchRefitError as exc:
+                warnings.warn(f"torchrefit: refit failed ({exc}); recompiling", stacklevel=3)
+                return False
+            variant.snapshots.update(snapshots)
+            self._watch_weights(variant)
+        variant.seen, variant.stamps = seen, stamps
         return True
 
-    def _changed(self, variant: _Variant, current: dict[str, torch.Tensor]) -> set[str]:
-        seen = variant.seen
-        views = {f for f, t in current.items() if getattr(t, "_torchrefit_view", False)}
-        changed = {f for f, t in current.items() if f not in views and seen.get(f) != _identity(t)}
-        if self._check_values or views:
-            candidates = current if self._check_values else {f: current[f] for f in views}
-            changed |= self._changed_values(variant, candidates, skip=changed)
-        return changed & set(variant.compiled._torchrefit.specs)
+    def _changed(
+        self,
+        variant: _Variant,
+        current: dict[str, torch.Tensor],
+        seen: dict[str, tuple[int, int, tuple[int, ...]]],
+        shared: set[str],
+    ) -> tuple[set[str], dict[str, int]]:
+        """The weights that changed since the variant's last refit, and the `.data`
+        stamps to record once they are refitted: a new tensor or an in-place write (the
+        version counter), a `.data` access of a watched parameter, and, by comparing
+        values, LoRA views and (with check_values) every weight the watch cannot see."""
+        changed = {f for f in current if variant.seen.get(f) != seen.get(f)}
+        stamps = variant.stamps
+        if self._watch is not None:
+            accessed, stamps = self._watch.accessed(variant.stamps)
+            changed |= accessed
+        compare = {f for f, t in current.items() if getattr(t, "_torchrefit_view", False)}
+        if self._check_values:
+            owned = dict(self.model.named_parameters(remove_duplicate=False))
+            watch = self._watch
+            compare |= {
+                f
+                for f in current
+                if f not in owned or watch is None or not watch.covers(owned[f]) or f in shared
+            }
+        candidates = {f: current[f] for f in compare - changed}
+        changed |= self._changed_values(variant, candidates)
+        return changed & set(variant.compiled._torchrefit.specs), stamps
 
-    def _changed_values(
-        self, variant: _Variant, current: dict[str, torch.Tensor], skip: set[str]
-    ) -> set[str]:
+    def _changed_values(self, variant: _Variant, current: dict[str, torch.Tensor]) -> set[str]:
         """Weights whose values differ from what the engines were given (`.data` writes)."""
         state = variant.compiled._torchrefit
         snapshots = variant.snapshots
         pairs = []
         for fqn, tensor in current.items():
-            if fqn in skip:
-                continue
             reference = snapshots.get(fqn)
             if (
                 reference is None
@@ -378,21 +429,18 @@ class MutableModule(torch.nn.Module):
                 and state.lineage[fqn].kind == "identity"
             ):
                 reference = state.store[fqn]
-            if (
-                reference is not None
-                and reference.device == tensor.device
-                and reference.shape == tensor.shape
-            ):
-                pairs.append((fqn, tensor, reference))
-        if not pairs:
-            return set()
-        flags = torch.stack([torch.ne(t, r).any() for _, t, r in pairs]).tolist()
-        return {fqn for (fqn, _, _), differs in zip(pairs, flags, strict=True) if differs}
+            if reference is None or reference.device != tensor.device:
+                continue
+            if reference.shape != tensor.shape or not torch.equal(reference, tensor):
+                pairs.append(fqn)
+        return set(pairs)
 
     def _refit(self, compiled: CompiledModule, matched: Matched, changed: set[str]) -> None:
         state = compiled._torchrefit
-        touched = {k for k, lineage in state.lineage.items() if changed & set(lineage.sources)}
-        values = evaluate(matched, state, keys=touched)
+        touched = {
+            k: None for k, lineage in state.lineage.items() if changed & set(lineage.sources)
+        }
+        values = evaluate(matched, state, keys=set(touched))
         validate(values, state)
         commit(compiled, values, in_place=True)
         self.__dict__["refits"] += 1
@@ -400,23 +448,31 @@ class MutableModule(torch.nn.Module):
             "MutableModule: refitted %d constants (%d weights changed)", len(touched), len(changed)
         )
 
-    def _record(self, variant: _Variant, current: dict[str, torch.Tensor]) -> None:
-        """Remember each weight's identity, and a copy of those the store cannot stand for."""
-        state = variant.compiled._torchrefit
-        variant.seen = {f: _identity(t) for f, t in current.items()}
+    def _snapshots(
+        self, variant: _Variant, current: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Copies of the weights compared by value that the store cannot stand for (cast or
+        derived constants, LoRA views): what the next comparison is against."""
         if not self._check_values:
-            return
+            return {}
+        state = variant.compiled._torchrefit
+        owned = dict(self.model.named_parameters(remove_duplicate=False))
+        watch = self._watch
         snapshots = {}
         for fqn, tensor in current.items():
+            if fqn not in state.specs:
+                continue
+            if fqn in owned and watch is not None and watch.covers(owned[fqn]):
+                continue  # `.data` accesses are seen where they happen
             stored = state.store.tensors.get(fqn)
             shown = (
                 stored is not None
                 and state.lineage[fqn].kind == "identity"
                 and stored.device == tensor.device
             )
-            if fqn in state.specs and not shown:
+            if not shown:
                 snapshots[fqn] = tensor.detach().clone()
-        variant.snapshots = snapshots
+        return snapshots
 
 
 _GENERATE_OPTIONS = frozenset(
@@ -439,8 +495,18 @@ def _bucket(n: int, least: int) -> int:
 
 def _identity(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
     """Storage and version counter (shared by detached views): a new tensor or an in-place
-    write changes it. Writes through `.data` do not: the value check catches those."""
+    write changes it. Writes through `.data` do not: the watch or the value check sees
+    those."""
     return (tensor.data_ptr(), tensor._version, tuple(tensor.shape))
+
+
+def _shared(tensor: torch.Tensor) -> bool:
+    """Whether another tensor shares this one's memory now (a `.data` alias, a view):
+    more references than this tensor's and the storage object asked."""
+    return _use_count(tensor.untyped_storage()._cdata) > 2
+
+
+_use_count = torch._C._storage_Use_Count
 
 
 def _input_signature(args: tuple, kwargs: dict) -> tuple:

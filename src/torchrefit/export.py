@@ -250,7 +250,37 @@ def mutations(ep: ExportedProgram) -> list[Mutation]:
             )
         found.append(Mutation(_MUTATIONS[spec.kind], str(spec.target)))
     _refuse_training_batch_norm(ep, found)
+    _refuse_training_dropout(ep)
     return found
+
+
+# dropouts as a decomposed program holds them: (op, index of `p`, index of `train`)
+_DROPOUTS = (
+    (torch.ops.aten.native_dropout.default, 1, 2),
+    (torch.ops.aten.dropout.default, 1, 2),
+    (torch.ops.aten.feature_dropout.default, 1, 2),
+    (torch.ops.aten.alpha_dropout.default, 1, 2),
+    (torch.ops.aten.feature_alpha_dropout.default, 1, 2),
+)
+
+
+def _refuse_training_dropout(ep: ExportedProgram) -> None:
+    """A dropout in training mode draws new random masks in every call: the model was
+    exported in training mode (transformers models built from a config start in it)."""
+    for node in ep.graph.nodes:
+        for op, p_at, train_at in _DROPOUTS:
+            if node.target is not op or len(node.args) <= train_at:
+                continue
+            if node.args[train_at] is not False and node.args[p_at] != 0:
+                where = node.meta.get("nn_module_stack", {})
+                module = next(reversed(where.values()))[0] if where else node.name
+                raise UnsupportedGraphError(
+                    f"Dropout {module!r} runs in training mode (p={node.args[p_at]}): every "
+                    "call would zero random activations, which inference engines do not do, "
+                    "and two calls would disagree. The model is in training mode "
+                    "(transformers models built from a config start so): call model.eval() "
+                    "before compiling."
+                )
 
 
 def _refuse_training_batch_norm(ep: ExportedProgram, found: list[Mutation]) -> None:

@@ -24,10 +24,12 @@ sources' offsets, which is all that changes from one refit to the next.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -54,7 +56,14 @@ COPY_BITS: dict[torch.dtype, int] = {
     torch.float8_e5m2: 8,
 }
 
-try:
+# Triton is imported when a kernel is first launched (it takes a while to import, and only
+# CUDA refits use it): its presence is all that is decided here.
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _kernel() -> Any:
+    """The gather kernel: one program copies and/or checks BLOCK elements of one slot."""
     import triton
     import triton.language as tl
 
@@ -109,9 +118,7 @@ try:
             bad = tl.max(refused.to(tl.int32), axis=0)
             tl.store(flag, bad, mask=bad > 0)  # no write, no atomic, while all is well
 
-    HAVE_TRITON = True
-except ImportError:  # the CPU wheel has no Triton
-    HAVE_TRITON = False
+    return _gather
 
 
 @dataclass(frozen=True)
@@ -239,7 +246,7 @@ def launch(
     block_slot, block_start, dst, numel, strict = slots.tables
     bits, exp, mant = FLOAT_BITS.get(base.dtype, (COPY_BITS.get(base.dtype, 8), 0, 0))
     assert not check or base.dtype in FLOAT_BITS
-    _gather[slots.grid](
+    _kernel()[slots.grid](
         base,
         block_slot,
         block_start,

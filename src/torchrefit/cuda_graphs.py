@@ -58,7 +58,8 @@ class CudaGraphs:
                     self.call(*inputs)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), torch.no_grad():
+            # thread_local: a refit on another thread (a host sync) does not break it
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"), torch.no_grad():
                 outputs = list(self.call(*inputs))
         except Exception as exc:  # an op that syncs with the host cannot be captured
             logger.warning("CUDA graph capture failed (%s); running without a graph", exc)

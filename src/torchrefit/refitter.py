@@ -336,7 +336,7 @@ class _Graphs:
         compute = None
         if matched.weight_program.outputs:
             compute = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(compute), torch.no_grad():
+            with torch.cuda.graph(compute, capture_error_mode="thread_local"), torch.no_grad():
                 values = evaluate(matched, state)
         else:
             values = evaluate(matched, state)  # no computation: the bound tensors themselves
@@ -370,6 +370,7 @@ class _Bank:
             tables={},
         )
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.failed = False
         if not self.transfer.capturable():
             logger.info("this refit cannot be captured (host copies); it runs uncaptured")
 
@@ -383,8 +384,9 @@ class _Bank:
             self.graph.replay()
             return
         self._run_eagerly()
-        if self.transfer.capturable():
+        if self.transfer.capturable() and not self.failed:
             self.graph = _captured(self._run_eagerly)
+            self.failed = self.graph is None
 
     def _run_eagerly(self) -> None:
         if self.transfer.flag is not None:
@@ -396,8 +398,16 @@ class _Bank:
         self.transfer.verdict()
 
 
-def _captured(run: Callable[[], None]) -> torch.cuda.CUDAGraph:
+def _captured(run: Callable[[], None]) -> torch.cuda.CUDAGraph | None:
+    """`run` captured (thread_local: calls on other threads go on meanwhile), or None where
+    it cannot be: the refit then runs uncaptured."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        run()
+    try:
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"), torch.no_grad():
+            run()
+    except Exception as exc:  # noqa: BLE001 - a failed capture costs speed, not correctness
+        logger.warning(
+            "a refit could not be captured as a CUDA graph (%s); it runs uncaptured", exc
+        )
+        return None
     return graph

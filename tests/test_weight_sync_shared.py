@@ -266,7 +266,8 @@ def test_a_killed_replica_makes_the_others_say_who_applied(tmp_path) -> None:
 def cannot_share(rank: int, world: int) -> dict[str, Any]:
     """Rank 2 pretends to run on another host. transport="shared" is refused on every rank;
     so is a replica of another width, and a transport that does not exist. With "auto" the
-    group mixes: rank 1 shares, rank 2 gets broadcasts over a subgroup."""
+    group mixes: rank 1 shares, rank 2 gets broadcasts over a subgroup. Then the trainer
+    stalls: the replicas raise at their timeout and keep their weights."""
     if rank == 2:
         segments.host_identity = lambda: "elsewhere/0"
     model, optimizer = trainer()
@@ -287,8 +288,20 @@ def cannot_share(rank: int, world: int) -> dict[str, Any]:
     sync = _make(rank, model, compiled)
     step(model, optimizer, 0)
     sync()
-    error = check(compiled, model) if compiled is not None else 0.0
-    return {"raised": raised, "routes": [sync.routes.shared, sync.routes.collective], "e": error}
+    result = {"raised": raised, "routes": [sync.routes.shared, sync.routes.collective]}
+    if rank == 0:  # the trainer stalls: every replica's wait ends at its timeout
+        time.sleep(TIMEOUT_S + 2)
+        return result
+    assert compiled is not None
+    check(compiled, model)
+    step(model, optimizer, 1)  # never sent
+    started = time.monotonic()
+    stalled = _attempt(sync)
+    stalled["elapsed"] = time.monotonic() - started
+    step_back, _ = trainer()
+    step(step_back, torch.optim.SGD(step_back.parameters(), lr=0.5), 0)
+    check(compiled, step_back)  # the weights of the last sync that completed
+    return {**result, "stalled": stalled}
 
 
 def test_ranks_that_cannot_share_are_named_on_every_rank(tmp_path) -> None:
@@ -302,6 +315,11 @@ def test_ranks_that_cannot_share_are_named_on_every_rank(tmp_path) -> None:
         assert "fc1.weight" in width[1], width
         assert typo[0] == "TorchRefitError" and "rank 1" in typo[1] and "'sharde'" in typo[1]
         assert r["routes"] == [[1], [2]], r["routes"]
+    for rank in (1, 2):
+        stalled = results[rank]["stalled"]
+        assert stalled["raised"] is not None and "source (rank 0)" in stalled["raised"]
+        assert rank in stalled["kept"] and stalled["applied"] == [], stalled
+        assert TIMEOUT_S - 0.5 < stalled["elapsed"] < TIMEOUT_S + 5, stalled
 
 
 # -- in one process ------------------------------------------------------------------------------

@@ -280,21 +280,23 @@ class WeightSync:
         version, go = self.control.signal([0, 0], self.src, self._signal, self.timeout)
         laps("signal")
         outcome, reason, cause = KEPT, "", None
-        if version != self.version:
-            outcome = REFUSED
-            reason = (
-                f"rank {self.rank} expected update {self.version} but the source sent update "
-                f"{version}; call sync() once per update on every rank"
-            )
-        elif go:
+        if go:
             with self._refit_stream():
                 if self.data_group is not None:
                     self._broadcast()
                 if self.shared is not None:
                     self.shared.wait(self.stream)
                 laps("transfer")
-                outcome, reason, cause = self._refit()
+                if version == self.version:
+                    outcome, reason, cause = self._refit()
                 laps("refit")
+        if version != self.version:
+            outcome = REFUSED
+            reason = (
+                f"rank {self.rank} expected update {self.version} but the source sent update "
+                f"{version}; call sync() once per update on every rank"
+            )
+            self.version = version
         self._mark_done()  # before the verdicts: the source may wait for it if they fail
         verdicts = self._verdicts(Verdict(self.rank, "replica", outcome, reason))
         laps("verdict")

@@ -59,11 +59,11 @@ def _driver() -> Any:
             "cuGetErrorName": [ctypes.c_int, ptr(ctypes.c_char_p)],
         }
         for name, argtypes in signatures.items():
-            try:
-                function = getattr(lib, name)
-            except AttributeError as e:
-                raise Unavailable(f"the CUDA driver lacks {name}: {e}") from e
+            function = getattr(lib, name, None) or getattr(lib, name.removesuffix("_v2"), None)
+            if function is None:
+                raise Unavailable(f"the CUDA driver (libcuda.so.1) lacks {name}")
             function.argtypes, function.restype = argtypes, ctypes.c_int
+            setattr(lib, name, function)
         _check(lib, lib.cuInit(0), "cuInit")
         _LIB = lib
     return _LIB
@@ -120,7 +120,7 @@ def _release(index: int, ptr: int, opened: bool) -> None:
 def _tensor(memory: _Memory, device: torch.device) -> torch.Tensor:
     """A uint8 tensor over `memory`, without a copy (checked)."""
     tensor = torch.as_tensor(memory, device=device)
-    if tensor.data_ptr() != memory.ptr or tensor.device != device:
+    if tensor.data_ptr() != memory.ptr or tensor.device.index != _index(device):
         raise Unavailable("torch copied the shared memory instead of viewing it")
     return tensor
 

@@ -23,7 +23,9 @@ its stages (`sync.timings`: the source's pack, transfer, verdict; the slowest re
 signal, transfer, refit, verdict). After the timed runs the trainer perturbs its weights,
 syncs once more, and each replica's output is compared with eager on the trainer's weights
 (received by the per-tensor path); with --colocated the replica is a `compile_lm` decoder
-and its CUDA-graph decode is checked too. Prints and writes a JSON of the results.
+and its CUDA-graph decode is checked too. `refit_core_alone`: the refit stages of one replica
+in one process (what a sync costs beyond its transport). --double-buffer: double-buffered
+replicas. Prints and writes a JSON of the results.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ class Timer:
             fn()
             self.sync()
             elapsed = time.perf_counter() - started
-            worst = torch.tensor([elapsed], dtype=torch.float64)
+            worst = torch.tensor([elapsed], dtype=torch.float64, device=_comm_device())
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)
             if i:
                 times.append(1e3 * worst.item())
@@ -229,10 +231,11 @@ def compile_replica(
     if dist.get_rank() == 0:
         return None
     started = time.perf_counter()
+    settings = {"double_buffer": True} if args.double_buffer else {}
     if args.colocated and hasattr(model, "generation_config"):  # a decoder: CUDA-graph decode
-        compiled = torchrefit.compile_lm(model, max_batch_size=1, max_seq_len=256)
+        compiled = torchrefit.compile_lm(model, max_batch_size=1, max_seq_len=256, **settings)
     else:
-        compiled = torchrefit.compile(model, inputs, backend=args.backend)
+        compiled = torchrefit.compile(model, inputs, backend=args.backend, **settings)
     result["compile_s"] = time.perf_counter() - started
     return compiled
 
@@ -262,7 +265,9 @@ def flat_copy(sync: WeightSync, device: torch.device, repeats: int) -> float:
             Timer(device, 0).sync()
             if i:
                 times.append(1e3 * (time.perf_counter() - started))
-    median = torch.tensor([statistics.median(times) if times else 0.0], dtype=torch.float64)
+    median = torch.tensor(
+        [statistics.median(times) if times else 0.0], dtype=torch.float64, device=_comm_device()
+    )
     dist.broadcast(median, src=0)
     return median.item()
 
@@ -288,7 +293,7 @@ def refit_core(sync: WeightSync, device: torch.device, repeats: int) -> dict[str
                 for key, a, b in zip(stages, marks, marks[1:], strict=False):
                     stages[key].append(1e3 * (b - a))
     medians = [statistics.median(v) if v else 0.0 for v in stages.values()]
-    found = torch.tensor(medians, dtype=torch.float64)
+    found = torch.tensor(medians, dtype=torch.float64, device=_comm_device())
     dist.broadcast(found, src=1)
     return dict(zip(stages, found.tolist(), strict=True))
 
@@ -347,7 +352,7 @@ def check(
         error = relative_error(got, want)
         if hasattr(compiled, "generate"):
             error = max(error, decode_mismatch(compiled, inputs[0][:, :16]))
-    worst = torch.tensor([error], dtype=torch.float64)
+    worst = torch.tensor([error], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     return worst.item()
 
@@ -366,6 +371,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny models, Gloo on CPU")
     parser.add_argument("--cpu", action="store_true", help="the 84 MB MLP, Gloo on CPU")
     parser.add_argument("--colocated", action="store_true", help="every rank on cuda:0, Gloo")
+    parser.add_argument(
+        "--double-buffer",
+        action="store_true",
+        help="double-buffered replicas (their finiteness check rides on the copy)",
+    )
     parser.add_argument("--models", default=None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
@@ -385,6 +395,7 @@ def main() -> None:
     dist.init_process_group("nccl" if cuda and not colocated else "gloo")
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "double_buffer": args.double_buffer,
         "cpus": os.cpu_count(),
         "backend": dist.get_backend(),
         "world": dist.get_world_size(),

@@ -128,12 +128,13 @@ def test_shared_collective_and_mixed_transports_match_eager(tmp_path) -> None:
 # -- verdicts ---------------------------------------------------------------------------------
 
 
-def refusals_reach_every_rank(rank: int, world: int) -> dict[str, Any]:
+def refusals_reach_every_rank(rank: int, world: int, device: str = "cpu") -> dict[str, Any]:
     """Rank 2 runs bfloat16 engines, rank 1 float32. Over the shared buffer, then by
     broadcast: a value bfloat16 cannot hold (rank 2 refuses, rank 1 applies), NaN (both
     refuse), a source weight of another shape (the source refuses), then a good update."""
     model, optimizer = trainer()
-    compiled = replica(rank, bf16=rank == 2) if rank else None
+    model.to(device)
+    compiled = replica(rank, device, bf16=rank == 2) if rank else None
     outcomes: list[dict[str, Any]] = []
     errors: list[float] = []
     for transport in ("auto", "collective"):
@@ -149,9 +150,9 @@ def refusals_reach_every_rank(rank: int, world: int) -> dict[str, Any]:
             model.fc1.weight[0, 0] = float("nan")
         outcomes.append(_attempt(sync))
         if rank:
-            errors.append(check(compiled, held[rank]))  # the refusals kept the weights
+            errors.append(check(compiled, held[rank], device))  # the refusals kept the weights
         bias = model.fc3.bias
-        model.fc3.bias = torch.nn.Parameter(torch.zeros(5))
+        model.fc3.bias = torch.nn.Parameter(torch.zeros(5, device=device))
         outcomes.append(_attempt(sync))
         model.fc3.bias = bias
         with torch.no_grad():
@@ -159,12 +160,15 @@ def refusals_reach_every_rank(rank: int, world: int) -> dict[str, Any]:
             model.fc3.bias[0] = 0.25
         outcomes.append(_attempt(sync))
         if rank:
-            errors.append(check(compiled, model))  # one good sync: every replica up to date
+            errors.append(check(compiled, model, device))  # one good sync: all up to date
     return {"outcomes": outcomes, "errors": errors}
 
 
 def test_a_refusal_raises_the_same_verdict_on_every_rank(tmp_path) -> None:
-    results = launch(refusals_reach_every_rank, tmp_path)
+    check_refusals(launch(refusals_reach_every_rank, tmp_path))
+
+
+def check_refusals(results: list[dict[str, Any]]) -> None:
     assert all("crashed" not in r for r in results), results
     for i in range(10):
         seen = [r["outcomes"][i] for r in results]
@@ -379,3 +383,12 @@ def test_cuda_ipc_on_one_gpu_matches_eager(tmp_path) -> None:
     for rank in (1, 2):
         assert len(results[rank]["errors"]["shared"]) == 4
     assert results[2]["engine_dtype"] == "torch.bfloat16"
+
+
+def cuda_refusals(rank: int, world: int) -> dict[str, Any]:
+    return refusals_reach_every_rank(rank, world, device="cuda:0")
+
+
+@pytest.mark.gpu
+def test_cuda_ipc_refusals_raise_the_same_verdict_on_every_rank(tmp_path) -> None:
+    check_refusals(launch(cuda_refusals, tmp_path, device_of=_gpu0))

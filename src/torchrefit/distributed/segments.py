@@ -17,6 +17,7 @@ import secrets
 import socket
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,12 +93,13 @@ class Segment:
         self.data_bytes = data_bytes
         size = self.board_bytes + data_bytes
         self.fd = os.memfd_create("torchrefit-weight-sync", os.MFD_CLOEXEC)
+        self._close = weakref.finalize(self, os.close, self.fd)  # once, whichever comes first
         try:
             os.ftruncate(self.fd, size)
             os.posix_fallocate(self.fd, 0, size)  # no memory: an error now, not SIGBUS later
             self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED | _POPULATE)
         except OSError as e:
-            os.close(self.fd)
+            self._close()
             raise Unavailable(f"could not make {size} bytes of shared memory: {e}") from e
         self.map[: len(MAGIC)] = MAGIC
         self.map[len(MAGIC) : len(MAGIC) + TOKEN_BYTES] = self.token
@@ -117,9 +119,7 @@ class Segment:
 
     def close_fd(self) -> None:
         """Once every replica has opened it: the mappings keep the memory."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self._close()
 
 
 @dataclass

@@ -12,13 +12,13 @@ own outcome, and what the replicas of its host wrote on the shared board.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import WeightSyncError
 
-MESSAGE_BYTES = 1024  # one rank's verdict on the wire (its reason is cut to fit)
-_REASON_CHARS = 800
+MESSAGE_BYTES = 1024  # one rank's verdict on the wire, as JSON (its reason is cut to fit)
 
 SENT, APPLIED, REFUSED, KEPT = "sent", "applied", "refused", "kept"
 DIED, UNKNOWN = "died", "unknown"
@@ -32,10 +32,13 @@ class Verdict:
     reason: str = ""
 
     def to_json(self) -> dict[str, Any]:
+        """As data that fits MESSAGE_BYTES once JSON-encoded (a long reason is cut)."""
         reason = self.reason
-        if len(reason) > _REASON_CHARS:
-            reason = reason[: _REASON_CHARS - 3] + "..."
-        return {"rank": self.rank, "role": self.role, "outcome": self.outcome, "reason": reason}
+        while True:
+            data = {"rank": self.rank, "role": self.role, "outcome": self.outcome, "reason": reason}
+            if len(json.dumps(data)) <= MESSAGE_BYTES or not reason:
+                return data
+            reason = reason[: len(reason) // 2] + "..." if len(reason) > 8 else ""
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> Verdict:

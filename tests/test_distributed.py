@@ -1,130 +1,34 @@
 """WeightSync over torch.distributed: three spawned processes (Gloo on CPU; NCCL when marked
-gpu), rank 0 the trainer, the others replicas compiled with the eager backend.
-
-Each replica recomputes the trainer's weights itself (same seeds, same deterministic steps)
-and compares its engines with eager PyTorch on those weights, on fresh random inputs. Every
-spawned test has a global deadline; processes still alive then are killed.
+gpu), rank 0 the trainer, the others replicas compiled with the eager backend (the default
+transport: replicas of the trainer's host share its buffer). How ranks are spawned and
+checked: tests/ranks.py. The shared transport and the verdicts: test_weight_sync_shared.py.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import subprocess
 import sys
 import time
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import torchrefit
 from torchrefit.distributed import WeightSync, gather_shards
 
-from helpers import assert_differs, assert_matches, run_eager
+from helpers import assert_differs
 from models import MLP
-
-DEADLINE_S = 120  # three fresh interpreters importing torch on a loaded 2-core machine
-TIMEOUT_S = 3.0  # each collective's timeout in the tests
-
-
-def launch(
-    scenario: Callable[..., dict[str, Any]], tmp_path: Path, world: int = 3, backend: str = "gloo"
-) -> list[dict[str, Any]]:
-    """Run `scenario(rank, world)` in `world` spawned processes; every rank's result dict."""
-    ctx = mp.get_context("spawn")
-    init = f"file://{tmp_path / 'init'}"
-    procs = [
-        ctx.Process(
-            target=_entry, args=(scenario, rank, world, init, str(tmp_path), backend), daemon=True
-        )
-        for rank in range(world)
-    ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + DEADLINE_S
-    for p in procs:
-        p.join(max(deadline - time.monotonic(), 0.1))
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-        p.join(5)
-    assert not alive, f"{len(alive)} process(es) still running after {DEADLINE_S} s"
-    results = []
-    for rank in range(world):
-        path = tmp_path / f"rank{rank}.json"
-        results.append(json.loads(path.read_text()) if path.exists() else {"exited": True})
-    return results
-
-
-def _entry(
-    scenario: Callable[..., dict[str, Any]],
-    rank: int,
-    world: int,
-    init: str,
-    out: str,
-    backend: str,
-) -> None:
-    torch.set_num_threads(1)
-    try:
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-        dist.init_process_group(
-            backend,
-            init_method=init,
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=30),
-        )
-        result = scenario(rank, world)
-    except BaseException as e:  # reported to the parent, which asserts on it
-        result = {"crashed": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
-    tmp = Path(out) / f"rank{rank}.json.tmp"
-    tmp.write_text(json.dumps(result))
-    tmp.rename(Path(out) / f"rank{rank}.json")
-    os._exit(0)  # no process-group teardown: a peer may be gone
-
-
-def _trainer(seed: int = 0) -> tuple[MLP, torch.optim.Optimizer]:
-    torch.manual_seed(seed)
-    model = MLP()
-    return model, torch.optim.SGD(model.parameters(), lr=0.5)
-
-
-def _step(model: MLP, optimizer: torch.optim.Optimizer, step: int) -> None:
-    """One deterministic SGD step: every rank that runs it gets the very same weights."""
-    generator = torch.Generator().manual_seed(100 + step)
-    x = torch.randn(8, 16, generator=generator).to(next(model.parameters()).device)
-    loss = model(x).square().mean()
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-
-
-def _inputs(device: str = "cpu") -> torch.Tensor:
-    return torch.randn(5, 16, device=device)
-
-
-def _replica(seed: int, device: str = "cpu", bf16: bool = False) -> torchrefit.CompiledModule:
-    """Compiled from other weights than the trainer's."""
-    torch.manual_seed(50 + seed)
-    model = MLP().to(device)
-    dtype = {"dtype": "bfloat16"} if bf16 else {}
-    return torchrefit.compile(model, (_inputs(device),), backend="eager", **dtype)
-
-
-def _check(compiled: torchrefit.CompiledModule, shadow: MLP, device: str = "cpu") -> float:
-    """Outputs equal eager with the shadow weights, on fresh inputs; the max abs error."""
-    x = _inputs(device)
-    got, want = compiled(x), run_eager(shadow, x)
-    assert_matches(got, want)
-    return float((got.float() - want).abs().max())
+from ranks import DEADLINE_S, TIMEOUT_S, launch
+from ranks import check as _check
+from ranks import inputs as _inputs
+from ranks import replica as _replica
+from ranks import step as _step
+from ranks import trainer as _trainer
 
 
 def syncs_match_eager(

@@ -81,4 +81,27 @@ class WeightsNotLoadedError(TorchRefitError):
 
 
 class WeightSyncError(TorchRefitError):
-    """A weight broadcast failed or timed out; the replica kept its old weights."""
+    """A weight sync could not be set up, failed, timed out, or was refused by a rank.
+
+    For one update: `refused` maps each rank that refused it to its reason, `applied` and
+    `kept` list the replicas that took it and those that kept their previous weights, and
+    `unknown` those whose outcome this rank could not learn (a rank died or stalled);
+    `version` counts the updates (1 for the first sync). All empty for a setup error.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        refused: dict[int, str] | None = None,
+        applied: Sequence[int] = (),
+        kept: Sequence[int] = (),
+        unknown: Sequence[int] = (),
+        version: int = 0,
+    ) -> None:
+        super().__init__(message)
+        self.refused: dict[int, str] = dict(refused or {})
+        self.applied: list[int] = list(applied)
+        self.kept: list[int] = list(kept)
+        self.unknown: list[int] = list(unknown)
+        self.version = version

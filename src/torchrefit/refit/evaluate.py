@@ -19,6 +19,7 @@ import torch
 from ..copy_kernel import FiniteCheck, finite_kernels_work
 from ..errors import IncompatibleWeightsError, MissingWeightError, WeightValueError
 from ..module import RefitState
+from ..quantize import QUANTIZED_DTYPES
 from ..weights import WeightStore, nonfinite
 from .files import FileTensor, buffer_bytes, peak_magnitude, read_tensor
 from .match import Matched
@@ -90,7 +91,7 @@ def _derived(
 ) -> dict[str, torch.Tensor]:
     program = matched.weight_program
     if not program.outputs:
-        return {}
+        return dict(matched.direct)
     inputs: dict[str, torch.Tensor] = {}
     for name in program.inputs:
         fqn = inverse.get(name, name)
@@ -105,13 +106,25 @@ def _derived(
                 missing=[fqn],
             )
     outputs = program(inputs)
-    derived_keys = [k for k, lineage in state.lineage.items() if lineage.kind == "program"]
-    return {k: outputs[matched.rename.get(k, k)] for k in derived_keys}
+    # a quantized checkpoint's weights and scales are placed as they are (`match.prequantized`)
+    derived_keys = [
+        k
+        for k, lineage in state.lineage.items()
+        if lineage.kind == "program" and k not in matched.direct
+    ]
+    return {**matched.direct, **{k: outputs[matched.rename.get(k, k)] for k in derived_keys}}
 
 
 def checked(values: Values) -> dict[str, torch.Tensor]:
     """The values the finiteness check reads: every floating value."""
-    return {k: v for k, v in values.tensors.items() if v.is_floating_point() and v.numel()}
+    return {k: v for k, v in values.tensors.items() if _checked(v)}
+
+
+def _checked(value: torch.Tensor) -> bool:
+    """A floating value torch can check. Quantized (fp8) weights are not read: their float32
+    scales are, and a source row holding inf or NaN gives a scale that is not finite (a
+    checkpoint's fp8 values are checked as they are bound, `match.prequantized`)."""
+    return value.is_floating_point() and value.numel() > 0 and value.dtype not in QUANTIZED_DTYPES
 
 
 def finite_flag(values: Values, state: RefitState) -> torch.Tensor:
@@ -208,7 +221,7 @@ def check_written(
 ) -> None:
     """The finiteness check over constants just written into a standby buffer. Those a
     flagged copy wrote are not read again: its flag stands for them. One host sync."""
-    written = {k: store[k] for k in keys if store[k].is_floating_point() and store[k].numel()}
+    written = {k: store[k] for k in keys if _checked(store[k])}
     covered = flagged.keys if flagged is not None else frozenset()
     unread = {k: v for k, v in written.items() if k not in covered}
     ok = tensors_flag(unread, state.inf_allowed, store.device)
@@ -240,7 +253,7 @@ def raise_nonfinite(
     tensors: dict[str, torch.Tensor], sources: dict[str, Source], state: RefitState
 ) -> None:
     """Name the first value the finiteness check refuses."""
-    candidates = {k: v for k, v in tensors.items() if v.is_floating_point() and v.numel()}
+    candidates = {k: v for k, v in tensors.items() if _checked(v)}
     for key in nonfinite(candidates):
         value = candidates[key]
         if key in state.inf_allowed and not bool(torch.isnan(value).any()):

@@ -1,10 +1,10 @@
 """fx graphs of aten ops as JSON data, and back, without running or unpickling code.
 
 Names are validated plain identifiers (fx pastes them into the code it generates), and
-targets resolve only to aten and prims op overloads, torchrefit's quantized-weight ops, arithmetic functions of `operator`,
-`torch.sym_*` functions and the higher-order ops cond, while_loop and map (whose bodies are
-inputs of the graph, never stored code); anything else is refused before any code is
-generated.
+targets resolve only to aten and prims op overloads, torchrefit's quantized-weight ops
+(`quantize/ops.py`), arithmetic functions of `operator`, `torch.sym_*` functions and the
+higher-order ops cond, while_loop and map (whose bodies are inputs of the graph, never
+stored code); anything else is refused before any code is generated.
 """
 
 from __future__ import annotations
@@ -154,7 +154,8 @@ def resolve_target(name: Any) -> Any:
         return getattr(torch, name.removeprefix("torch."))
     raise UnsupportedGraphError(
         f"Stored graph names the call target {str(name)[:80]!r}, which is refused: only aten "
-        "and prims op overloads, torchrefit's quantized-weight ops, arithmetic operators, torch.sym_* functions and "
+        "and prims op overloads, torchrefit's quantized-weight ops, arithmetic operators, "
+        "torch.sym_* functions and "
         f"torch.ops.higher_order {sorted(HIGHER_ORDER_TARGETS)} are taken."
     )
 

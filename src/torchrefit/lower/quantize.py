@@ -32,6 +32,7 @@ from .context import Lineage, LoweredProgram, LoweringContext, Role, add_node
 logger = logging.getLogger("torchrefit")
 aten = torch.ops.aten
 _TRANSPOSES = (aten.permute.default, aten.t.default)
+_SWAP = ([1, 0], (1, 0), [1, -2], [-1, 0], [-1, -2])  # permutations swapping two dimensions
 
 
 @dataclass(frozen=True)
@@ -85,10 +86,12 @@ def _site(program: LoweredProgram, node: fx.Node) -> Site | None:
     if not isinstance(operand, fx.Node):
         return None
     columns = not (operand.op == "call_function" and operand.target in _TRANSPOSES)
-    if not columns and operand.target is aten.permute.default and list(operand.args[1]) != [1, 0]:
+    if not columns and operand.target is aten.permute.default and operand.args[1] not in _SWAP:
         return None
     weight = operand if columns else operand.args[0]
-    role = program.role(weight) if isinstance(weight, fx.Node) else None
+    if not isinstance(weight, fx.Node):
+        return None
+    role = program.role(weight)
     if role is None or role.kind not in ("weight", "derived"):
         return None
     val = weight.meta.get("val")
@@ -148,9 +151,7 @@ def _replace(program: LoweredProgram, site: Site, made: Made) -> None:
         if site.weight.meta["val"].device.type == "cuda" and _vector_bias(bias, made):
             new = add_node(graph, QUANT_MM, (x, made.q, made.s, bias))
         else:
-            weight = add_node(
-                graph, aten._to_copy.default, (made.q,), {"dtype": torch.float32}
-            )
+            weight = add_node(graph, aten._to_copy.default, (made.q,), {"dtype": torch.float32})
             weight = add_node(graph, aten.mul.Tensor, (weight, made.s))
             if dtype != torch.float32:
                 weight = add_node(graph, aten._to_copy.default, (weight,), {"dtype": dtype})

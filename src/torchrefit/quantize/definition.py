@@ -24,11 +24,13 @@ SCALE_SUFFIX = "_scale"  # a checkpoint's scale of `X.weight` is `X.weight_scale
 
 
 def format_of(dtype: torch.dtype) -> str | None:
-    """"fp8" or "int8" for a quantized weight's dtype, else None."""
+    """ "fp8" or "int8" for a quantized weight's dtype, else None."""
     return next((name for name, (d, _) in FORMATS.items() if d == dtype), None)
 
 
-def reference(w: torch.Tensor, fmt: str, columns: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def reference(
+    w: torch.Tensor, fmt: str, columns: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The definition, op by op: (q, s) of `w` (of `w.t()` if `columns`), q contiguous."""
     dtype, top = FORMATS[fmt]
     x = w.float()

@@ -69,4 +69,6 @@ def reference_mm(
 
 QUANTIZE_WEIGHT = torch.ops.torchrefit.quantize_weight.default
 QUANT_MM = torch.ops.torchrefit.quant_mm.default
-OPS = frozenset({"quantize_weight", "quant_mm"})  # what stored graphs may call, torch.ops.torchrefit
+OPS = frozenset(
+    {"quantize_weight", "quant_mm"}
+)  # what stored graphs may call, torch.ops.torchrefit

@@ -313,8 +313,10 @@ def prequantized(
     given: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = {}
     for name, scale_name in pairs.items():
         fqn = state.aliases.get(name, name)
-        site = next((q for q in sites.get(fqn, []) if q.fmt == format_of(new.tensors[name].dtype)), None)
-        columns = site.columns if site is not None else False
+        site = next(
+            (q for q in sites.get(fqn, []) if q.fmt == format_of(new.tensors[name].dtype)), None
+        )
+        columns = site.columns if site is not None else _by_columns(new.tensors, name)
         q = _read(tensors.pop(name))
         scale = _scales(name, scale_name, q, _read(tensors.pop(scale_name)), state, columns)
         _check_quantized(name, q)
@@ -330,6 +332,17 @@ def prequantized(
             tensors[fqn] = weight.t() if columns else weight
     left = NewWeights(tensors, new.origin, new.program, new.module, new.untyped)
     return left, direct, program, frozenset(given)
+
+
+def _by_columns(tensors: dict[str, Source], name: str) -> bool:
+    """Where no quantized constant says how a weight is used: scaled per column if its
+    scales count its columns, else per row (a square weight: per row, as compressed-tensors
+    checkpoints hold a Linear's, (out, in))."""
+    rows, cols = (tuple(tensors[name].shape) + (0, 0))[:2]
+    scales = 1
+    for size in tensors[name + SCALE_SUFFIX].shape:
+        scales *= size
+    return rows != cols and scales == cols
 
 
 def _read(source: Source) -> torch.Tensor:
@@ -416,10 +429,11 @@ def pruned(program: WeightProgram, given: set[str]) -> WeightProgram:
     graph.output(tuple(v for _, v in kept))
     graph.eliminate_dead_code()
     inputs = []
-    for node, fqn in zip([n for n in graph.nodes if n.op == "placeholder"], program.inputs, strict=True):
+    for node, fqn in zip(
+        [n for n in graph.nodes if n.op == "placeholder"], program.inputs, strict=True
+    ):
         if node.users:
             inputs.append(fqn)
         else:
             graph.erase_node(node)
     return WeightProgram(graph, inputs, [k for k, _ in kept])
-

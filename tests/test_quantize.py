@@ -10,6 +10,7 @@ kernels (tests/test_quantize_gpu.py).
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.util
 import os
 import subprocess
@@ -465,3 +466,56 @@ def test_compile_lm_greedy_tokens_equal_transformers_fake_quantized(family: str,
     got = lm.generate(ids, attention_mask=mask, max_new_tokens=12)
     want = reference_generate(fake_quantized(trainer, fmt), ids, mask, max_new_tokens=12)
     assert torch.equal(got, want)
+
+
+def test_the_kernel_form_and_its_batch_1_rewrite(monkeypatch) -> None:
+    """The graph a CUDA engine gets (`torchrefit::quant_mm`, whose products of one row the
+    decode variants rewrite into aten ops for Inductor to fuse), built on CPU, where the op
+    computes the definition: greedy tokens equal transformers' on the fake-quantized model,
+    through the general engine (batch 2) and the batch-1 variant, before and after a refit."""
+    passes = importlib.import_module("torchrefit.lower.quantize")
+    ops = importlib.import_module("torchrefit.quantize.ops")
+    monkeypatch.setattr(passes, "KERNEL_DEVICES", ("cuda", "cpu"))
+    model, trainer = llama(), llama(seed=2)
+    lm = torchrefit.compile_lm(
+        model, max_batch_size=2, max_seq_len=32, quantize="fp8", decode_batch_sizes=[1]
+    )
+    (engine,) = lm.engines().values()
+    assert len(engine.variants) == 1
+    calls = []
+    original = ops.reference_mm
+    monkeypatch.setattr(ops, "reference_mm", lambda *a: calls.append(1) or original(*a))
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    layers = len(linear_weights(model))
+    for weights in (model, trainer):
+        if weights is trainer:
+            torchrefit.refit_module_weights(lm, trainer, in_place=True)
+        fake = fake_quantized(weights, "fp8")
+        for rows in (ids[:1], ids):
+            calls.clear()
+            want = reference_generate(fake, rows, mask[: len(rows)], max_new_tokens=8)
+            got = lm.generate(rows, attention_mask=mask[: len(rows)], max_new_tokens=8)
+            assert torch.equal(got, want)
+            # batch 1: only the prefill calls the op, its decode steps run the rewritten variant
+            assert len(calls) == layers * (1 if len(rows) == 1 else 8)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_exported_programs_and_verified_refits(name: str) -> None:
+    """An ExportedProgram refits by the fast path and by the slow one (lowered again, the
+    quantized constants paired by position); verify_output compares with eager computing
+    with the engine's dequantized weights (the tied lookup in full precision)."""
+    _, module, x = compiled(name, "fp8")
+    new = MODELS[name](3)
+    want = logits(compiled(name, "fp8", 3)[1], name, x)
+    program = torch.export.export(new, x, kwargs(name), strict=False)
+    for cache in (True, False):
+        refitted = torchrefit.refit_module_weights(
+            module, program, arg_inputs=x, kwarg_inputs=kwargs(name), use_weight_map_cache=cache
+        )
+        assert torch.equal(logits(refitted, name, x), want)
+    refitted = torchrefit.refit_module_weights(
+        module, new, arg_inputs=x, kwarg_inputs=kwargs(name), verify_output=True
+    )
+    assert torch.equal(logits(refitted, name, x), want)

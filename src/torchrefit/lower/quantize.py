@@ -32,6 +32,7 @@ from .context import Lineage, LoweredProgram, LoweringContext, Role, add_node
 logger = logging.getLogger("torchrefit")
 aten = torch.ops.aten
 _TRANSPOSES = (aten.permute.default, aten.t.default)
+KERNEL_DEVICES = ("cuda",)  # where products call quant_mm (its Triton kernel) rather than aten
 _SWAP = ([1, 0], (1, 0), [1, -2], [-1, 0], [-1, -2])  # permutations swapping two dimensions
 
 
@@ -148,7 +149,7 @@ def _replace(program: LoweredProgram, site: Site, made: Made) -> None:
     bias = node.args[0] if node.target is aten.addmm.default else None
     x = node.args[-2]
     with graph.inserting_before(node):
-        if site.weight.meta["val"].device.type == "cuda" and _vector_bias(bias, made):
+        if site.weight.meta["val"].device.type in KERNEL_DEVICES and _vector_bias(bias, made):
             new = add_node(graph, QUANT_MM, (x, made.q, made.s, bias))
         else:
             weight = add_node(graph, aten._to_copy.default, (made.q,), {"dtype": torch.float32})

@@ -38,8 +38,8 @@ try:
 
     @triton.jit
     def _e4m3_bits(y):
-        """float32 -> float8_e4m3fn bits, rounding half to even, as torch converts (Triton's
-        own conversion saturates, and its interpreter does not round to even)."""
+        # float32 -> float8_e4m3fn bits, rounding half to even, as torch converts (Triton's
+        # own conversion saturates, and its interpreter does not round to even)
         bits = y.to(tl.int32, bitcast=True)
         sign = (bits >> 24) & 0x80
         mag = bits & 0x7FFFFFFF
@@ -147,7 +147,7 @@ def quantize_rows(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor
     if rows == 0:
         return q, s
     block = _row_block(cols)
-    # 1 / top as the device computes it in float32 (a correctly rounded division)
+    # 1 / top in float32 (a correctly rounded division), for a device that multiplies by it
     inv_top = float(torch.tensor(1.0, dtype=torch.float32) / top)
     _quantize_rows[(rows,)](
         w,
@@ -158,10 +158,24 @@ def quantize_rows(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor
         top,
         BLOCK=block,
         INT8=fmt == "int8",
-        RECIPROCAL=w.device.type == "cuda",
+        RECIPROCAL=divides_by_reciprocal(w.device),
         num_warps=8 if block >= 4096 else 4,
     )
     return q, s
+
+
+@functools.cache
+def divides_by_reciprocal(device: torch.device) -> bool:
+    """Whether PyTorch on `device` divides a tensor by a Python float as a product with its
+    reciprocal (CUDA does: `amax / 448.0` is `amax * (1 / 448.0)`), asked of the device."""
+    if device.type == "cpu":
+        return False
+    values = torch.rand(4096, generator=torch.Generator().manual_seed(0)) * 1e3
+    inverse = torch.tensor(1.0) / 448.0
+    on_device = (values.to(device) / 448.0).cpu()
+    return bool(torch.equal(on_device, values * inverse)) and not torch.equal(
+        on_device, values / 448.0
+    )
 
 
 def _mm_blocks(m: int, n: int) -> tuple[int, int]:

@@ -437,3 +437,17 @@ def pruned(program: WeightProgram, given: set[str]) -> WeightProgram:
         else:
             graph.erase_node(node)
     return WeightProgram(graph, inputs, [k for k, _ in kept])
+
+
+def computed_weights(state: RefitState) -> dict[str, torch.Tensor]:
+    """Source FQN -> the weight a quantized engine computes with: its quantized constants
+    dequantized, in the source's layout (empty for an engine without them). What eager
+    PyTorch must use to give the engine's outputs (`verify`)."""
+    weights = {}
+    for fqn, sites in quantized_sites(state.weight_program).items():
+        site = sites[0]
+        store = state.store
+        dtype = state.engine_dtypes.get(fqn, torch.float32)
+        weight = dequantize(store[site.q_key], store[site.s_key], dtype)
+        weights[fqn] = weight.t() if site.columns else weight
+    return weights

@@ -128,6 +128,23 @@ try:
             mask=(rm[:, None] < M) & (rn[None, :] < N),
         )
 
+    # products of a few rows read little else than the weights: enough programs in flight
+    # matter more than tile reuse; the autotuner picks per (N, K, row block), once
+    _quant_mm_tuned = triton.autotune(
+        configs=[
+            triton.Config({"BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
+            for bn, bk, warps, stages in (
+                (16, 256, 4, 4),
+                (32, 256, 4, 4),
+                (32, 128, 4, 5),
+                (64, 128, 4, 4),
+                (64, 256, 8, 3),
+                (128, 128, 8, 3),
+            )
+        ],
+        key=["N", "K", "BM"],
+    )(_quant_mm)
+
     HAVE_TRITON = True
 except ImportError:  # the CPU wheel has no Triton
     HAVE_TRITON = False
@@ -178,10 +195,15 @@ def divides_by_reciprocal(device: torch.device) -> bool:
     )
 
 
+def _row_block_of(m: int) -> int:
+    """Rows of x per program: at least 16 (the dot's minimum)."""
+    return 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+
+
 def _mm_blocks(m: int, n: int) -> tuple[int, int]:
-    """Tile sizes: rows of x padded to at least 16 (the dot's minimum), columns as wide as
-    still gives about two programs per multiprocessor (a batch-32 product has few rows)."""
-    bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    """Tile sizes without the autotuner (Triton's interpreter): columns as wide as still
+    gives about two programs per multiprocessor of an H100."""
+    bm = _row_block_of(m)
     tiles_m = -(-m // bm)
     bn = 128
     while bn > 16 and tiles_m * -(-n // bn) < 264:
@@ -197,26 +219,15 @@ def quant_mm(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
+    args = (x, q, s, bias if bias is not None else s, out, m, n, k, x.stride(0), x.stride(1))
+    if x.is_cuda:
+        bm = _row_block_of(m)
+        tiles = lambda meta: (triton.cdiv(m, bm), triton.cdiv(n, meta["BN"]))  # noqa: E731
+        _quant_mm_tuned[tiles](*args, HAS_BIAS=bias is not None, BM=bm)
+        return out
     bm, bn = _mm_blocks(m, n)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    _quant_mm[grid](
-        x,
-        q,
-        s,
-        bias if bias is not None else s,
-        out,
-        m,
-        n,
-        k,
-        x.stride(0),
-        x.stride(1),
-        HAS_BIAS=bias is not None,
-        BM=bm,
-        BN=bn,
-        BK=128,
-        num_warps=4,
-        num_stages=4,
-    )
+    _quant_mm[grid](*args, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=128, num_warps=4)
     return out
 
 

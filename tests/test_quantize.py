@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -519,3 +520,23 @@ def test_exported_programs_and_verified_refits(name: str) -> None:
         module, new, arg_inputs=x, kwarg_inputs=kwargs(name), verify_output=True
     )
     assert torch.equal(logits(refitted, name, x), want)
+
+
+def test_the_benchmark_runs_on_cpu(tmp_path) -> None:
+    """bench/quant_bench.py --tiny: every section runs; the quantized constants a Refitter
+    wrote are the definition's."""
+    out = tmp_path / "quant.json"
+    bench = Path(__file__).parents[1] / "bench" / "quant_bench.py"
+    args = ["--tiny", "--backend", "eager", "--prompt", "8", "--new", "4", "--batches", "1,2"]
+    done = subprocess.run(
+        [sys.executable, str(bench), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert results["refits"]["fp8_bit_identical_to_definition"] is True
+    assert results["refits"]["int8_bit_identical_to_definition"] is True
+    assert results["memory"]["fp8_weight_bytes_vs_bf16"] < 0.75
+    assert results["accuracy"]["fp8_vs_fake_quantized_eager_rel_error"] < 1e-4

@@ -252,8 +252,8 @@ class QuantBench:
         return row
 
     def accuracy(self) -> dict[str, Any]:
-        """Prefill logits over 4 x 64 positions."""
-        ids = self.ids(4, min(64, self.prompt + self.new), seed=9)
+        """Prefill logits over 4 x 64 positions (fewer with small limits)."""
+        ids = self.ids(min(4, max(self.batches)), min(64, self.prompt + self.new), seed=9)
         with torch.no_grad():
             eager = self.model(ids).logits.float()
         row: dict[str, Any] = {}

@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import torchrefit
-import torchrefit.refit.transfer as transfer
 import torchrefit.refit.files as files
+import torchrefit.refit.transfer as transfer
 
 from cases import CASES
 from helpers import assert_differs, assert_matches, run_eager

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 import torchrefit
-import torchrefit.refit.transfer as transfer
 import torchrefit.refit.evaluate as evaluate
 import torchrefit.refit.files as files
+import torchrefit.refit.transfer as transfer
 
 from cases import CASES
 from helpers import assert_differs, assert_matches, run_eager

@@ -39,7 +39,10 @@ def test_dropout_in_training_mode_is_refused_naming_it_and_the_fix() -> None:
 def test_a_transformers_model_built_from_a_config_is_refused_until_eval() -> None:
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
         vocab_size=100,
     )
     model = transformers.BertModel(config)

@@ -163,9 +163,11 @@ def test_refitter_graphs_refit_and_refuse(kind: str, double_buffer: bool, name: 
     compiled = torchrefit.compile(
         a, x, backend="eager", double_buffer=double_buffer, **case.settings
     )
-    weights = dict(b.state_dict()) if kind == "device" else {
-        k: v.cpu().pin_memory() for k, v in b.state_dict().items()
-    }
+    weights = (
+        dict(b.state_dict())
+        if kind == "device"
+        else {k: v.cpu().pin_memory() for k, v in b.state_dict().items()}
+    )
     refitter = torchrefit.Refitter(compiled, weights)
     assert refitter._graphs is not None
     for _ in range(3):  # both banks, replayed

@@ -29,6 +29,7 @@ from .module import (
     make_fallback,
 )
 from .partition import ENGINE, Partitioned
+from .quantize import QUANTIZED_DTYPES
 from .settings import Settings
 from .weights import WeightStore, nonfinite
 
@@ -270,7 +271,7 @@ def _initial_store(
         elif role.kind == "derived":
             values[str(role.key)] = derived[str(role.key)]
     store = WeightStore({k: v.detach().to(device) for k, v in values.items()})
-    for key in nonfinite({k: v for k, v in store.tensors.items() if v.is_floating_point()}):
+    for key in nonfinite(_checkable(store)):
         if key in originals and bool(torch.isfinite(originals[key]).all()):
             raise WeightValueError(
                 f"Weight {key!r} overflows {store[key].dtype} when the model is converted; it "
@@ -281,8 +282,18 @@ def _initial_store(
 
 def _holding_inf(store: WeightStore) -> set[str]:
     """Constants holding inf as compiled (an attention mask's -inf): refits may keep it."""
-    floats = {k: v for k, v in store.tensors.items() if v.is_floating_point()}
+    floats = _checkable(store)
     return {k for k in nonfinite(floats) if bool(torch.isinf(floats[k]).any())}
+
+
+def _checkable(store: WeightStore) -> dict[str, torch.Tensor]:
+    """Floating constants torch can check: a quantized weight's fp8 values are finite when
+    its float32 scales are (a row holding inf or NaN has a scale that is not)."""
+    return {
+        k: v
+        for k, v in store.tensors.items()
+        if v.is_floating_point() and v.dtype not in QUANTIZED_DTYPES
+    }
 
 
 def _refit_state(

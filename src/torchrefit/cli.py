@@ -146,7 +146,11 @@ def _inspect(args: argparse.Namespace) -> None:
     )
     for c in summary["constants"]:
         mark = " [stripped]" if c["stripped"] else ""
-        print(f"  {c['name']}  {c['dtype']}{c['shape']}  {c['bytes']} bytes  {c['lineage']}{mark}")
+        note = f" ({c['note']})" if c["note"] else ""
+        print(
+            f"  {c['name']}  {c['dtype']}{c['shape']}  {c['bytes']} bytes  {c['lineage']}{note}"
+            f"{mark}"
+        )
 
 
 def inspect_file(path: str) -> dict[str, Any]:
@@ -178,6 +182,7 @@ def _summary(path: str) -> dict[str, Any]:
                 "shape": spec["shape"],
                 "bytes": nbytes,
                 "lineage": state["lineage"][name]["kind"],
+                "note": state["lineage"][name].get("note", ""),
                 "stripped": name in stripped,
             }
         )

@@ -1,10 +1,10 @@
 """fx graphs of aten ops as JSON data, and back, without running or unpickling code.
 
 Names are validated plain identifiers (fx pastes them into the code it generates), and
-targets resolve only to aten and prims op overloads, arithmetic functions of `operator`,
-`torch.sym_*` functions and the higher-order ops cond, while_loop and map (whose bodies are
-inputs of the graph, never stored code); anything else is refused before any code is
-generated.
+targets resolve only to aten and prims op overloads, torchrefit's quantized-weight ops
+(`quantize/ops.py`), arithmetic functions of `operator`, `torch.sym_*` functions and the
+higher-order ops cond, while_loop and map (whose bodies are inputs of the graph, never
+stored code); anything else is refused before any code is generated.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from .errors import UnsupportedGraphError
+from .quantize import OPS as TORCHREFIT_OPS  # registers them: a stored graph may call them
 
 _SCALARS = (bool, int, float, str, type(None))
 _ENUMS: dict[str, type] = {
@@ -139,7 +140,9 @@ def resolve_target(name: Any) -> Any:
             return getattr(torch.ops.higher_order, name.removeprefix("torch.ops.higher_order."))
     elif isinstance(name, str) and name.startswith("torch.ops."):
         parts = name.removeprefix("torch.ops.").split(".")
-        if len(parts) == 3 and parts[0] in OP_NAMESPACES and all(_NAME.fullmatch(p) for p in parts):
+        ours = parts[0] == "torchrefit" and len(parts) == 3 and parts[1] in TORCHREFIT_OPS
+        allowed = parts[0] in OP_NAMESPACES or ours
+        if len(parts) == 3 and allowed and all(_NAME.fullmatch(p) for p in parts):
             packet = getattr(getattr(torch.ops, parts[0]), parts[1], None)
             overload = getattr(packet, parts[2], None) if packet is not None else None
             if isinstance(overload, torch._ops.OpOverload):
@@ -151,7 +154,8 @@ def resolve_target(name: Any) -> Any:
         return getattr(torch, name.removeprefix("torch."))
     raise UnsupportedGraphError(
         f"Stored graph names the call target {str(name)[:80]!r}, which is refused: only aten "
-        "and prims op overloads, arithmetic operators, torch.sym_* functions and "
+        "and prims op overloads, torchrefit's quantized-weight ops, arithmetic operators, "
+        "torch.sym_* functions and "
         f"torch.ops.higher_order {sorted(HIGHER_ORDER_TARGETS)} are taken."
     )
 

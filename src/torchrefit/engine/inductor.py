@@ -15,6 +15,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from ..quantize import QUANT_MM
 from .base import Runner, data_dependent
 
 # Inductor options of engines compiled for one exact shape (`specialize`); a user's
@@ -109,6 +110,35 @@ def _small_products(gm: fx.GraphModule, example_inputs: list[Any]) -> fx.GraphMo
             total = graph.call_function(aten.sum.dim_IntList, (product, [2]))
         node.replace_all_uses_with(total)
         graph.erase_node(node)
+    _one_row_quantized(graph)
     graph.lint()
     copy.recompile()
     return copy
+
+
+def _one_row_quantized(graph: fx.Graph) -> None:
+    """Each quantized product of one row (`torchrefit::quant_mm`, a decode step's linear
+    layers at batch 1) as dequantize-then-mm in aten ops: with every size a constant,
+    Inductor turns the product into a reduction with the dequantization fused into its
+    loads, reading the 1-byte weights once (the matrix kernel pads one row to 16)."""
+    aten = torch.ops.aten
+    one_row = [
+        node
+        for node in graph.nodes
+        if node.op == "call_function"
+        and node.target is QUANT_MM
+        and node.args[0].meta["val"].shape[0] == 1
+    ]
+    for node in one_row:
+        x, q, s, bias = node.args
+        dtype = x.meta["val"].dtype
+        with graph.inserting_before(node):
+            weight = graph.call_function(aten._to_copy.default, (q,), {"dtype": torch.float32})
+            weight = graph.call_function(aten.mul.Tensor, (weight, s))
+            weight = graph.call_function(aten._to_copy.default, (weight,), {"dtype": dtype})
+            operand = graph.call_function(aten.permute.default, (weight, [1, 0]))
+            product = graph.call_function(aten.mm.default, (x, operand))
+            if bias is not None:  # not addmm: Inductor makes a reduction of mm alone
+                product = graph.call_function(aten.add.Tensor, (product, bias))
+        node.replace_all_uses_with(product)
+        graph.erase_node(node)

@@ -13,13 +13,20 @@ from .context import Lineage, LoweredProgram, LoweringContext, Role
 from .decompose import decompose
 from .fold_batch_norm import fold_batch_norm
 from .hoist_weights import hoist_weights
+from .quantize import quantize
 from .write_state import write_state
 
 logger = logging.getLogger("torchrefit")
 
 Pass = Callable[[LoweredProgram, LoweringContext], LoweredProgram]
 
-PIPELINE: tuple[Pass, ...] = (fold_batch_norm, hoist_weights, write_state, check_lineage)
+PIPELINE: tuple[Pass, ...] = (
+    fold_batch_norm,
+    hoist_weights,
+    quantize,
+    write_state,
+    check_lineage,
+)
 
 
 def lower(ep: ExportedProgram, ctx: LoweringContext) -> LoweredProgram:

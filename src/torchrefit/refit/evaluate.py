@@ -20,6 +20,7 @@ import torch
 from ..copy_kernel import FiniteCheck, finite_kernels_work
 from ..errors import IncompatibleWeightsError, MissingWeightError, WeightValueError
 from ..module import RefitState
+from ..quantize import QUANTIZED_DTYPES
 from ..weights import nonfinite
 from .files import FileTensor, buffer_bytes, peak_magnitude, read_tensor
 from .match import Matched
@@ -91,7 +92,7 @@ def _derived(
 ) -> dict[str, torch.Tensor]:
     program = matched.weight_program
     if not program.outputs:
-        return {}
+        return dict(matched.direct)
     inputs: dict[str, torch.Tensor] = {}
     for name in program.inputs:
         fqn = inverse.get(name, name)
@@ -106,8 +107,13 @@ def _derived(
                 missing=[fqn],
             )
     outputs = program(inputs)
-    derived_keys = [k for k, lineage in state.lineage.items() if lineage.kind == "program"]
-    return {k: outputs[matched.rename.get(k, k)] for k in derived_keys}
+    # a quantized checkpoint's weights and scales are placed as they are (`match.prequantized`)
+    derived_keys = [
+        k
+        for k, lineage in state.lineage.items()
+        if lineage.kind == "program" and k not in matched.direct
+    ]
+    return {**matched.direct, **{k: outputs[matched.rename.get(k, k)] for k in derived_keys}}
 
 
 def finite_check(
@@ -238,7 +244,10 @@ def unset_note(partial: list[str] | tuple[str, ...]) -> str:
 
 
 def _checked_dtype(dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point or dtype.is_complex
+    """Floating and complex values; quantized (float8) constants are not read: their
+    float32 scales are (a source row holding NaN or inf gives a scale that is not finite),
+    and a quantized checkpoint's values are checked as they are bound (`match`)."""
+    return (dtype.is_floating_point or dtype.is_complex) and dtype not in QUANTIZED_DTYPES
 
 
 def _real(value: torch.Tensor) -> torch.Tensor:

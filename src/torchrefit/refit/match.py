@@ -9,10 +9,13 @@ Modules, state_dicts and files are matched by FQN.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import operator
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx as fx
 
 from ..errors import (
     IncompatibleWeightsError,
@@ -21,6 +24,7 @@ from ..errors import (
     UnexpectedWeightError,
     WeightDtypeError,
     WeightShapeError,
+    WeightValueError,
 )
 from ..export import (
     WeightSpec,
@@ -40,6 +44,7 @@ from ..fingerprint import (
 )
 from ..lower import LoweringContext, lower
 from ..module import RefitState
+from ..quantize import QUANTIZE_WEIGHT, QUANTIZED_DTYPES, SCALE_SUFFIX, dequantize, format_of
 from ..weights import WeightProgram
 from .files import FileTensor, read_tensor
 from .read import NewWeights, Source
@@ -53,6 +58,9 @@ class Matched:
     path: str  # "fast" or "slow"
     weight_program: WeightProgram
     rename: dict[str, str]  # compiled store key -> key in the evaluation (slow path)
+    # derived store key -> its value as given (a quantized checkpoint's weight and scales),
+    # placed as it is; `weight_program` then computes only the other derived constants
+    direct: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def match(
@@ -85,7 +93,8 @@ def match(
 
 
 def fast(new: NewWeights, state: RefitState) -> Matched:
-    return Matched(by_fqn(new, state), "fast", state.weight_program, {})
+    new, direct, program, given = prequantized(new, state)
+    return Matched(by_fqn(new, state, given), "fast", program, {}, direct)
 
 
 def _same_names(new: NewWeights, state: RefitState) -> bool:
@@ -93,11 +102,18 @@ def _same_names(new: NewWeights, state: RefitState) -> bool:
     return names == set(state.specs)
 
 
-def by_fqn(new: NewWeights, state: RefitState) -> dict[str, Source]:
-    """Resolve tied aliases, then check presence, extras, shapes and dtypes."""
+def by_fqn(
+    new: NewWeights, state: RefitState, quantized: frozenset[str] = frozenset()
+) -> dict[str, Source]:
+    """Resolve tied aliases, then check presence, extras, shapes and dtypes. `quantized`:
+    weights given as quantized weights and scales, bound directly (never missing)."""
     given = _untie(new.tensors, state.aliases)
     extra = sorted(set(given) - set(state.specs))
-    missing = [fqn for fqn, spec in state.specs.items() if _required(fqn, spec, given, new, state)]
+    missing = [
+        fqn
+        for fqn, spec in state.specs.items()
+        if fqn not in quantized and _required(fqn, spec, given, new, state)
+    ]
     if extra:
         raise UnexpectedWeightError(
             f"The new weights hold {len(extra)} name(s) the compiled program does not have: "
@@ -257,3 +273,181 @@ def slow(new: NewWeights, state: RefitState, arg_inputs: Any, kwarg_inputs: Any)
     }
     checked = by_fqn(NewWeights(tensors, "exported_program", program=source), state)
     return Matched(checked, "slow", lowered.weight_program, rename)
+
+
+# -- quantized checkpoints ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A weight program's quantization of one source weight: its format, orientation and
+    the store keys of its outputs."""
+
+    fmt: str
+    columns: bool
+    q_key: str
+    s_key: str
+
+
+def prequantized(
+    new: NewWeights, state: RefitState
+) -> tuple[NewWeights, dict[str, torch.Tensor], WeightProgram, frozenset[str]]:
+    """Quantized weights among `new` (`X.weight` of float8_e4m3fn or int8 beside a float
+    `X.weight_scale` with one scale per output channel, as compressed-tensors checkpoints
+    hold them): bound as they are to the engine's quantized constants of the same format;
+    dequantized (`q.float() * scale`, cast to the weight's dtype) for every other use (a
+    full-precision engine, another format, a tied embedding). Returns the weights left,
+    the values bound directly, the weight program of the other derived constants, and the
+    weights the direct values stand for."""
+    pairs = {
+        name: name + SCALE_SUFFIX
+        for name, t in new.tensors.items()
+        if t.dtype in QUANTIZED_DTYPES and name + SCALE_SUFFIX in new.tensors
+    }
+    pairs = {k: v for k, v in pairs.items() if state.aliases.get(k, k) in state.specs}
+    if not pairs:
+        return new, {}, state.weight_program, frozenset()
+    sites = quantized_sites(state.weight_program)
+    tensors = dict(new.tensors)
+    direct: dict[str, torch.Tensor] = {}
+    given: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = {}
+    for name, scale_name in pairs.items():
+        fqn = state.aliases.get(name, name)
+        site = next(
+            (q for q in sites.get(fqn, []) if q.fmt == format_of(new.tensors[name].dtype)), None
+        )
+        columns = site.columns if site is not None else _by_columns(new.tensors, name)
+        q = _read(tensors.pop(name))
+        scale = _scales(name, scale_name, q, _read(tensors.pop(scale_name)), state, columns)
+        _check_quantized(name, q)
+        if site is not None:
+            direct[site.q_key] = q.t() if columns else q
+            direct[site.s_key] = scale
+        given[fqn] = (q, scale, columns)
+    program = pruned(state.weight_program, set(direct))
+    for fqn, (q, scale, columns) in given.items():
+        if fqn in program.inputs or fqn in state.store.tensors:  # still read as full precision
+            dtype = state.engine_dtypes.get(fqn, torch.float32)
+            weight = dequantize(q.t() if columns else q, scale, dtype)
+            tensors[fqn] = weight.t() if columns else weight
+    left = NewWeights(tensors, new.origin, new.program, new.module, new.untyped)
+    return left, direct, program, frozenset(given)
+
+
+def _by_columns(tensors: dict[str, Source], name: str) -> bool:
+    """Where no quantized constant says how a weight is used: scaled per column if its
+    scales count its columns, else per row (a square weight: per row, as compressed-tensors
+    checkpoints hold a Linear's, (out, in))."""
+    rows, cols = (tuple(tensors[name].shape) + (0, 0))[:2]
+    scales = 1
+    for size in tensors[name + SCALE_SUFFIX].shape:
+        scales *= size
+    return rows != cols and scales == cols
+
+
+def _read(source: Source) -> torch.Tensor:
+    return read_tensor(source) if isinstance(source, FileTensor) else source
+
+
+def _scales(
+    name: str,
+    scale_name: str,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    state: RefitState,
+    columns: bool,
+) -> torch.Tensor:
+    """The scales as the engine holds them: float32, (out, 1)."""
+    fqn = state.aliases.get(name, name)
+    spec = state.specs[fqn]
+    if tuple(q.shape) != spec.shape:
+        raise WeightShapeError(
+            f"Quantized weight {name!r} has shape {list(q.shape)}; the compiled model expects "
+            f"{list(spec.shape)}. Refit with weights of the compiled architecture."
+        )
+    out = q.shape[1] if columns else q.shape[0]
+    vector = q.dim() == 2 and scale.numel() == out and max(scale.shape, default=1) == out
+    if not vector or not scale.is_floating_point() or scale.dtype in QUANTIZED_DTYPES:
+        raise WeightShapeError(
+            f"Scale {scale_name!r} is {scale.dtype}{list(scale.shape)}; for {name!r} "
+            f"({q.dtype}{list(q.shape)}) it must hold one float per output channel: shape "
+            f"[{out}] or [{out}, 1]. Give per-channel scales (per-tensor or per-group "
+            "quantized checkpoints are not taken as they are: dequantize them first)."
+        )
+    return scale.reshape(out, 1).to(torch.float32)
+
+
+def _check_quantized(name: str, q: torch.Tensor) -> None:
+    """A float8_e4m3fn NaN (all of the bits but the sign set); e4m3fn has no inf."""
+    if q.dtype == torch.float8_e4m3fn and bool(((q.view(torch.uint8) & 0x7F) == 0x7F).any()):
+        raise WeightValueError(
+            f"Quantized weight {name!r} holds NaN; nothing was written. Refit with finite "
+            "weights (check the checkpoint that produced them)."
+        )
+
+
+_SITES: weakref.WeakKeyDictionary[WeightProgram, dict[str, list[Quantized]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def quantized_sites(program: WeightProgram) -> dict[str, list[Quantized]]:
+    """Source FQN -> how the weight program quantizes it (read from its graph, once)."""
+    cached = _SITES.get(program)
+    if cached is not None:
+        return cached
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    fqns = dict(zip(placeholders, program.inputs, strict=True))
+    output = next(n for n in program.graph.nodes if n.op == "output")
+    keys = dict(zip(output.args[0], program.outputs, strict=True))
+    sites: dict[str, list[Quantized]] = {}
+    for node in program.graph.nodes:
+        if node.target is not QUANTIZE_WEIGHT or node.args[0] not in fqns:
+            continue
+        parts = {u.args[1]: keys.get(u) for u in node.users if u.target is operator.getitem}
+        if parts.get(0) is not None and parts.get(1) is not None:
+            _, fmt, columns = node.args
+            site = Quantized(str(fmt), bool(columns), str(parts[0]), str(parts[1]))
+            sites.setdefault(fqns[node.args[0]], []).append(site)
+    _SITES[program] = sites
+    return sites
+
+
+def pruned(program: WeightProgram, given: set[str]) -> WeightProgram:
+    """`program` without the outputs `given` and whatever only they need."""
+    if not given & set(program.outputs):
+        return program
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    results: list[Any] = []
+    for node in program.graph.nodes:
+        if node.op == "output":
+            results = list(node.args[0])
+        else:
+            env[node] = graph.node_copy(node, lambda a: env[a])
+    kept = [(k, env[v]) for k, v in zip(program.outputs, results, strict=True) if k not in given]
+    graph.output(tuple(v for _, v in kept))
+    graph.eliminate_dead_code()
+    inputs = []
+    for node, fqn in zip(
+        [n for n in graph.nodes if n.op == "placeholder"], program.inputs, strict=True
+    ):
+        if node.users:
+            inputs.append(fqn)
+        else:
+            graph.erase_node(node)
+    return WeightProgram(graph, inputs, [k for k, _ in kept])
+
+
+def computed_weights(state: RefitState) -> dict[str, torch.Tensor]:
+    """Source FQN -> the weight a quantized engine computes with: its quantized constants
+    dequantized, in the source's layout (empty for an engine without them). What eager
+    PyTorch must use to give the engine's outputs (`verify`)."""
+    weights = {}
+    for fqn, sites in quantized_sites(state.weight_program).items():
+        site = sites[0]
+        store = state.store
+        dtype = state.engine_dtypes.get(fqn, torch.float32)
+        weight = dequantize(store[site.q_key], store[site.s_key], dtype)
+        weights[fqn] = weight.t() if site.columns else weight
+    return weights

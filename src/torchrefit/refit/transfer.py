@@ -43,6 +43,7 @@ from ..copy_kernel import (
 )
 from ..errors import WeightValueError
 from ..module import RefitState
+from ..quantize import QUANTIZED_DTYPES
 from ..weights import ALIGN_BYTES, WeightStore
 from .evaluate import Values, name_streamed, raise_nonfinite, refused_on_cpu
 from .evaluate import unset_note as _unset
@@ -105,8 +106,9 @@ def use_kernels(device: torch.device) -> bool:
 
 
 def floating(dtype: torch.dtype) -> bool:
-    """Whether the finiteness check reads values of `dtype` (complex ones too)."""
-    return dtype.is_floating_point or dtype.is_complex
+    """Whether the finiteness check reads values of `dtype`: floating and complex ones, not
+    quantized (float8) constants, whose float32 scales it reads instead."""
+    return (dtype.is_floating_point or dtype.is_complex) and dtype not in QUANTIZED_DTYPES
 
 
 class Transfer:

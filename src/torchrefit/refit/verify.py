@@ -13,7 +13,7 @@ from ..errors import RefitVerificationError, TorchRefitError
 from ..module import CompiledModule
 from .commit import rewrite
 from .evaluate import evaluate, validate
-from .match import Matched, slow
+from .match import Matched, computed_weights, slow
 from .read import NewWeights
 
 logger = logging.getLogger("torchrefit")
@@ -84,7 +84,7 @@ def verify(
     target: CompiledModule, new: NewWeights, matched: Matched, arg_inputs: Any, kwarg_inputs: Any
 ) -> None:
     """Compare with eager; retry the slow path once after a fast-path mismatch; raise."""
-    reference = _reference(new, arg_inputs, kwarg_inputs)
+    reference = _reference(new, arg_inputs, kwarg_inputs, computed_weights(target._torchrefit))
     error = compare_outputs(target(*arg_inputs, **(kwarg_inputs or {})), reference)
     if error is not None and matched.path == "fast" and new.program is not None:
         logger.warning(
@@ -104,18 +104,30 @@ def verify(
         )
 
 
-def _reference(new: NewWeights, args: tuple[Any, ...], kwargs: Any) -> Any:
-    """Eager outputs with the new weights. A trainer in training mode runs in eval mode for
-    it (the engines were compiled in eval semantics: dropout off), then goes back."""
-    with torch.no_grad():
-        if new.program is not None:
-            return new.program.module()(*args, **(kwargs or {}))
-        module = new.module
-        assert module is not None  # check_verifiable ran first
-        training = {m: m.training for m in module.modules()}
-        module.eval()
-        try:
-            return module(*args, **(kwargs or {}))
-        finally:
-            for m, mode in training.items():
-                m.training = mode
+def _reference(
+    new: NewWeights, args: tuple[Any, ...], kwargs: Any, quantized: dict[str, torch.Tensor]
+) -> Any:
+    """Eager outputs of the new weights; a quantized engine's linear weights as it computes
+    with them (dequantized), the rest (a tied embedding's lookup too) as given. A trainer in
+    training mode runs in eval mode for it (the engines were compiled in eval semantics:
+    dropout off), then goes back."""
+    module = new.program.module() if new.program is not None else new.module
+    assert module is not None  # check_verifiable ran first
+    training = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        with torch.no_grad():
+            if not quantized:
+                return module(*args, **(kwargs or {}))
+            params = dict(module.named_parameters(remove_duplicate=False))
+            used = {
+                k: v.to(device=params[k].device, dtype=params[k].dtype)
+                for k, v in quantized.items()
+                if k in params
+            }
+            return torch.func.functional_call(
+                module, used, args, kwargs or {}, tie_weights=False, strict=False
+            )
+    finally:
+        for m, mode in training.items():
+            m.training = mode

@@ -9,7 +9,12 @@ complex is not "floating"), and a stripped module refitted into a copy (the copy
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -251,3 +256,108 @@ def test_check_finite_false_copies_without_looking() -> None:
     torchrefit.refit_module_weights(compiled, b, in_place=True)
     assert_matches(compiled(x), run_eager(b, x))
     assert_differs(compiled(x), run_eager(a, x))
+
+
+# -- the kernel path, run by Triton's interpreter on CPU tensors -------------------------------
+
+
+class Small(nn.Module):
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.a = nn.Linear(64, 48)
+        self.b = nn.Linear(48, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def _kernels_on_cpu() -> None:
+    """The kernels switched on for CPU tensors, and torch's reductions forbidden for
+    floating values (every one must go through a kernel)."""
+    from torchrefit.copy_kernel import COPY_BITS, FLOAT_BITS
+
+    transfer.use_kernels = lambda device: True
+    transfer.finite_kernels_work = lambda device, dtype: dtype in FLOAT_BITS
+    transfer.gather_copy_works = lambda device, dtype: dtype in COPY_BITS
+    torch_check = transfer.refused_on_cpu
+
+    def no_torch_reads(tensors, *args):
+        floating = {k: v for k, v in tensors.items() if v.is_floating_point()}
+        assert not floating, f"read by torch: {sorted(floating)}"
+        return torch_check(tensors, *args)
+
+    transfer.refused_on_cpu = no_torch_reads
+    launch = transfer.launch
+
+    def counted(*args, **kwargs):
+        LAUNCHES.append(kwargs)
+        return launch(*args, **kwargs)
+
+    transfer.launch = counted
+
+
+LAUNCHES: list[dict[str, bool]] = []
+
+
+def _kinds_of_sources(model: nn.Module, tmp) -> dict[str, object]:
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    misaligned = {
+        k: torch.cat([v.new_zeros(1), v.reshape(-1)])[1:].view(v.shape) for k, v in state.items()
+    }
+    strided = {k: v.t().contiguous().t() if v.dim() == 2 else v for k, v in state.items()}
+    return {
+        "in_place": state,
+        "misaligned": misaligned,
+        "strided": strided,
+        "file": _file(tmp, model, f"{id(model)}.safetensors"),
+    }
+
+
+def interpreted_transfer_doors() -> None:
+    """Every way a value reaches a store, through the kernels (Triton's interpreter runs
+    them on CPU tensors): in place, misaligned and strided views staged, a file staged, two
+    passes through a small staging area, double-buffered, a Refitter; each checked against
+    eager, and a NaN in each refused with nothing written."""
+    import tempfile
+
+    _kernels_on_cpu()
+    tmp = Path(tempfile.mkdtemp())
+    a, b, bad = Small(0).eval(), Small(1).eval(), Small(1).eval()
+    with torch.no_grad():
+        bad.a.weight[5, 5] = NAN
+    good, poisoned = _kinds_of_sources(b, tmp), _kinds_of_sources(bad, tmp)
+    x = torch.randn(3, 64)
+    staging = transfer.Transfer.staging_bytes
+    for small in (False, True):  # small: 4 KB batches, so two passes
+        transfer.Transfer.staging_bytes = (lambda self: 4096) if small else staging
+        for double_buffer in (False, True):
+            compiled = torchrefit.compile(a, (x,), backend="eager", double_buffer=double_buffer)
+            for kind, source in good.items():
+                torchrefit.refit_module_weights(compiled, source, in_place=True)
+                assert_matches(compiled(x), run_eager(b, x))
+                before = compiled(x)
+                with pytest.raises(torchrefit.WeightValueError, match=r"a\.weight"):
+                    torchrefit.refit_module_weights(compiled, poisoned[kind], in_place=True)
+                assert torch.equal(compiled(x), before), kind
+            torchrefit.refit_module_weights(compiled, a, in_place=True)
+            torchrefit.Refitter(compiled, b)()
+            assert_matches(compiled(x), run_eager(b, x))
+    gated = [k for k in LAUNCHES if k.get("cond")]
+    assert gated and any(k["check"] and not k["copy"] for k in LAUNCHES), "kernels not launched"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_the_kernel_path_under_the_triton_interpreter() -> None:
+    code = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]);"
+        "from test_transfer import interpreted_transfer_doors; interpreted_transfer_doors()"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]

@@ -83,12 +83,17 @@ class WeightStore:
 
     def holds(self, tensor: torch.Tensor) -> bool:
         """Whether `tensor` is a view of this store's memory."""
-        ptrs = self.__dict__.get("_arena_ptrs")
-        if ptrs is None or len(ptrs) != len(self.arenas):  # arenas are made once, at init
-            ptrs = self.__dict__["_arena_ptrs"] = frozenset(
-                arena.untyped_storage().data_ptr() for arena in self.arenas.values()
-            )
-        return tensor.untyped_storage().data_ptr() in ptrs
+        ranges = self.__dict__.get("_ranges")
+        if ranges is None:  # arenas are made once, at init
+            ranges = self.__dict__["_ranges"] = [
+                (a.data_ptr(), a.data_ptr() + a.numel() * a.element_size())
+                for a in self.arenas.values()
+            ]
+        ptr = tensor.data_ptr()
+        for low, high in ranges:
+            if low <= ptr < high:
+                return True
+        return False
 
     def keys(self) -> list[str]:
         return list(self.tensors)

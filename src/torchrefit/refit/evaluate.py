@@ -52,28 +52,43 @@ def evaluate(matched: Matched, state: RefitState, keys: set[str] | None = None) 
     inverse = {new: old for old, new in matched.rename.items()}
     needed = {inverse.get(name, name) for name in program.inputs}
     # state the forward writes (a counter, a cache) is the module's own: refits keep it
-    wanted = [
-        k for k in store.keys() if (keys is None or k in keys) and state.lineage[k].kind != "state"
-    ]
+    wanted = _refitted(state) if keys is None else [k for k in _refitted(state) if k in keys]
     streamed: dict[str, FileTensor] = {}
     cast: dict[str, torch.Tensor] = {}
+    engine_dtypes, device = state.engine_dtypes, store.device
     for fqn, source in matched.tensors.items():
-        if isinstance(source, FileTensor) and fqn not in needed:
-            streamed[fqn] = source
-            continue
-        tensor = read_tensor(source) if isinstance(source, FileTensor) else source
-        cast[fqn] = _cast(tensor, state.engine_dtypes[fqn], store.device, fqn in needed)
+        if isinstance(source, FileTensor):
+            if fqn not in needed:
+                streamed[fqn] = source
+                continue
+            source = read_tensor(source)
+        dtype = engine_dtypes[fqn]
+        if source.dtype is dtype and fqn not in needed:
+            cast[fqn] = source  # identity: copied from where it is
+        else:
+            cast[fqn] = _cast(source, dtype, device, fqn in needed)
     derived = _derived(matched, state, cast, inverse)
     values = {
         k: derived[k] if k in derived else cast[k] for k in wanted if k in derived or k in cast
     }
     # a value read from the store itself (its own constants, swapped) must not be overwritten
     # before it is read: copy those first
-    owned = {k: v.clone() if store.holds(v) else v for k, v in values.items()}
+    holds = store.holds
+    owned = {k: v.clone() if holds(v) else v for k, v in values.items()}
     sources = {
         k: matched.tensors[k] for k in owned if k in cast and cast[k] is not matched.tensors[k]
     }
     return Values(owned, {k: v for k, v in streamed.items() if k in wanted}, sources)
+
+
+def _refitted(state: RefitState) -> list[str]:
+    """The store keys a refit may write: all but the forward's own state."""
+    cached = state.__dict__.get("_refitted")
+    if cached is None:
+        cached = state.__dict__["_refitted"] = [
+            k for k in state.store.keys() if state.lineage[k].kind != "state"
+        ]
+    return cached
 
 
 def _cast(
@@ -176,10 +191,13 @@ def validate(values: Values, state: RefitState) -> None:
 
 
 def check_layout(values: Values, state: RefitState) -> None:
+    """Every value has its constant's shape and dtype, on its device or the host."""
+    layout = _layout(state)
     for key, value in values.tensors.items():
-        dst = state.store[key]
-        movable = value.device == dst.device or value.device.type == "cpu"
-        if value.shape != dst.shape or value.dtype != dst.dtype or not movable:
+        shape, dtype, index = layout[key]
+        where = value.get_device()
+        if value.shape != shape or value.dtype is not dtype or (where != index and where >= 0):
+            dst = state.store[key]
             raise IncompatibleWeightsError(
                 f"Engine constant {key!r} would become {value.dtype}{list(value.shape)} on "
                 f"{value.device}; the engine holds {dst.dtype}{list(dst.shape)} on {dst.device}. "
@@ -191,6 +209,16 @@ def check_layout(values: Values, state: RefitState) -> None:
                 f"Engine constant {key!r} would become {list(t.shape)} from {t.path!r}; the "
                 f"engine holds {list(state.store[key].shape)}."
             )
+
+
+def _layout(state: RefitState) -> dict[str, tuple[torch.Size, torch.dtype, int]]:
+    """Per constant: shape, dtype and device index (-1 for the CPU), as every bank holds it."""
+    cached = state.__dict__.get("_layout")
+    if cached is None:
+        cached = state.__dict__["_layout"] = {
+            k: (t.shape, t.dtype, t.get_device()) for k, t in state.store.tensors.items()
+        }
+    return cached
 
 
 def raise_nonfinite(
@@ -258,7 +286,11 @@ def _real(value: torch.Tensor) -> torch.Tensor:
 def refused_on_cpu(tensors: dict[str, torch.Tensor], inf_allowed: set[str]) -> bool:
     """Whether a value holds NaN, or inf outside `inf_allowed`: torch reductions wherever
     the tensors are, one host sync (see `all_finite`)."""
-    strict = [_readable(v) for k, v in tensors.items() if k not in inf_allowed and v.numel()]
+    strict = [
+        v if v.dtype in _PLAIN else _readable(v)
+        for k, v in tensors.items()
+        if k not in inf_allowed and v.numel()
+    ]
     if strict and not all_finite(strict):
         return True
     return any(
@@ -277,8 +309,12 @@ def all_finite(values: list[torch.Tensor]) -> bool:
 def by_dtype(values: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     groups: dict[torch.dtype, list[torch.Tensor]] = {}
     for value in values:
-        groups.setdefault(value.dtype, []).append(_readable(value))
+        value = value if value.dtype in _PLAIN else _readable(value)
+        groups.setdefault(value.dtype, []).append(value)
     return list(groups.values())
+
+
+_PLAIN = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
 
 
 def finite_groups(groups: list[list[torch.Tensor]]) -> bool:

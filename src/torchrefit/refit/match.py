@@ -107,7 +107,59 @@ def by_fqn(
 ) -> dict[str, Source]:
     """Resolve tied aliases, then check presence, extras, shapes and dtypes. `quantized`:
     weights given as quantized weights and scales, bound directly (never missing)."""
-    given = _untie(new.tensors, state.aliases)
+    given = _untie(new.tensors, state.aliases) if state.aliases else new.tensors
+    rows, uncastable = _rows(state)
+    tensors: dict[str, Source] = {}
+    absent: list[str] = []
+    for fqn, target, shape, dtype in rows:  # the common case: names, shapes, dtypes as compiled
+        value = given.get(target)
+        if value is None:
+            absent.append(fqn)
+            continue
+        if value.shape != shape or value.dtype is not dtype:
+            _check_spec(fqn, value, state.specs[fqn])  # raises, naming what differs
+        tensors[fqn] = value
+    if len(given) != len(tensors) or absent:
+        _explain_names(new, state, given, quantized)
+    for fqn in uncastable & tensors.keys():
+        value = tensors[fqn]
+        _check_cast(fqn, value, state.engine_dtypes.get(fqn, value.dtype))
+    return tensors
+
+
+def _rows(state: RefitState) -> tuple[list[tuple[str, str, torch.Size, Any]], set[str]]:
+    """Per weight of the compiled program: its FQN, the name it is given under (tied
+    weights: the canonical one), its shape and dtype; and the weights whose dtype torch
+    cannot cast into the engine's. Made once per module."""
+    cached = state.__dict__.get("_match_rows")
+    if cached is None:
+        rows = [
+            (fqn, state.aliases.get(fqn, fqn), torch.Size(spec.shape), _DTYPES.get(spec.dtype))
+            for fqn, spec in state.specs.items()
+        ]
+        uncastable = {
+            fqn
+            for fqn, spec in state.specs.items()
+            if spec.dtype in _DTYPES
+            and not _castable(
+                _DTYPES[spec.dtype], state.engine_dtypes.get(fqn, _DTYPES[spec.dtype])
+            )
+        }
+        cached = state.__dict__["_match_rows"] = (rows, uncastable)
+    return cached
+
+
+_DTYPES = {
+    str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
+}
+
+
+def _explain_names(
+    new: NewWeights, state: RefitState, given: dict[str, Source], quantized: frozenset[str]
+) -> None:
+    """Raise for names the compiled program lacks or weights the refit needs and lacks;
+    return where the only absences are weights a refit keeps (non-persistent buffers and
+    constants a state_dict cannot hold, the forward's own state)."""
     extra = sorted(set(given) - set(state.specs))
     missing = [
         fqn
@@ -132,15 +184,6 @@ def by_fqn(
             "and persistent buffer of the compiled model.",
             missing=missing,
         )
-    tensors: dict[str, Source] = {}
-    for fqn, spec in state.specs.items():
-        value = given.get(state.aliases.get(fqn, fqn))
-        if value is None:
-            continue  # a non-persistent buffer or constant a state_dict cannot hold: kept
-        _check_spec(fqn, value, spec)
-        _check_cast(fqn, value, state.engine_dtypes.get(fqn, value.dtype))
-        tensors[fqn] = value
-    return tensors
 
 
 def _untie(tensors: dict[str, Source], aliases: dict[str, str]) -> dict[str, Source]:

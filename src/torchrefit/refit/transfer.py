@@ -208,12 +208,19 @@ class Transfer:
         batches of at most `staging_bytes`."""
         limit = self.staging_bytes()
         pieces: list[tuple[_Piece, torch.dtype]] = []
+        here = self.device.index if self.cuda else -1
+        dtypes = _dtypes(self.store)
+        takes: dict[torch.dtype, bool] = {}
         for key, value in self.values.tensors.items():
-            dtype = self.store[key].dtype
-            self._host_sync |= value.device.type == "cpu"
-            if self.kernels and not self._kernel_takes(dtype):
+            dtype = dtypes[key]
+            where = value.get_device()
+            self._host_sync |= where < 0
+            taken = takes.get(dtype)
+            if taken is None:
+                taken = takes[dtype] = not self.kernels or self._kernel_takes(dtype)
+            if not taken:
                 self._by_torch[key] = value
-            elif value.device == self.device and (not self.kernels or self._aligned(value, dtype)):
+            elif where == here and (not self.kernels or self._aligned(value, dtype)):
                 self._in_place[key] = value
             else:
                 pieces += [(p, dtype) for p in _split(key, value, limit)]
@@ -272,17 +279,54 @@ class Transfer:
 
     def _check_in_place(self) -> None:
         """Device values the kernel reads where they are: one read-only launch per dtype."""
-        by_dtype: dict[torch.dtype, list[Move]] = {}
-        for key, value in self._in_place.items():
-            if floating(value.dtype) and value.numel():
-                by_dtype.setdefault(value.dtype, []).append(Move(key, value, 0, 0, value.numel()))
-        for dtype, moves in by_dtype.items():
+        for dtype, (keys, values) in self._in_place_groups(floating_only=True).items():
             base = self._staging.get(dtype)
             if base is None or not base.numel():
                 base = self._staging[dtype] = torch.empty(
                     VECTOR_BYTES, dtype=dtype, device=self.device
                 )
-            self._launch(base, moves, ("check", dtype), copy=False, check=True)
+            self._launch_whole(("check", dtype), base, keys, values, copy=False, check=True)
+
+    def _in_place_groups(
+        self, floating_only: bool = False
+    ) -> dict[torch.dtype, tuple[list[str], list[torch.Tensor]]]:
+        groups: dict[torch.dtype, tuple[list[str], list[torch.Tensor]]] = {}
+        for key, value in self._in_place.items():
+            dtype = value.dtype
+            if floating_only and not (floating(dtype) and value.numel()):
+                continue
+            keys, values = groups.setdefault(dtype, ([], []))
+            keys.append(key)
+            values.append(value)
+        return groups
+
+    def _launch_whole(
+        self,
+        cache: tuple[Any, ...],
+        base: torch.Tensor,
+        keys: list[str],
+        values: list[torch.Tensor],
+        *,
+        copy: bool,
+        check: bool,
+        cond: bool = False,
+    ) -> None:
+        """One launch over whole values into their own store slots (or, not copying, just
+        read), its tables kept per set of constants: only the source offsets are new."""
+        key = (cache, tuple(keys))
+        found = self.tables.get(key)
+        if found is None:
+            inf_ok = self.state.inf_allowed
+            rows = [
+                (self._offset(self.store[k]) if copy else 0, v.numel(), k not in inf_ok)
+                for k, v in zip(keys, values, strict=True)
+            ]
+            found = self.tables[key] = (Slots(rows, self.device), Column(len(keys), self.device))
+        slots, column = found
+        item, origin = base.element_size(), base.data_ptr()
+        offsets = [(p - origin) // item for p in map(_DATA_PTR, values)]
+        launch(base, slots, column.fill(offsets), self.flag, copy=copy, check=check, cond=cond)
+        column.read()
 
     def _copy_checked(self, batch: _Batch | None) -> None:
         """The checked values into the live store: on CUDA one launch per arena gated by
@@ -293,20 +337,19 @@ class Transfer:
                 sources.update(self._staged_views(batch))
             copy_into(self.store, sources)
             return
-        moves: dict[torch.dtype, list[Move]] = {}
-        for key, value in self._in_place.items():
-            dst = self.store[key]
-            moves.setdefault(dst.dtype, []).append(
-                Move(key, value, 0, self._offset(dst), dst.numel())
+        for dtype, (keys, values) in self._in_place_groups().items():
+            arena = self.store.arenas[(self.device, dtype)]
+            self._launch_whole(
+                ("gated", dtype), arena, keys, values, copy=True, check=False, cond=True
             )
         for dtype, pieces in (batch.pieces if batch is not None else {}).items():
             staging = self._staging[dtype]
-            for p, at in pieces:
-                target = self._offset(self.store[p.key]) + p.start
-                moves.setdefault(dtype, []).append(Move(p.key, staging, at, target, p.numel))
-        for dtype, group in moves.items():
+            moves = [
+                Move(p.key, staging, at, self._offset(self.store[p.key]) + p.start, p.numel)
+                for p, at in pieces
+            ]
             arena = self.store.arenas[(self.device, dtype)]
-            self._launch(arena, group, ("gated", dtype), copy=True, check=False, cond=True)
+            self._launch(arena, moves, ("gated-staged", dtype), copy=True, check=False, cond=True)
         if self._by_torch:  # torch copies cannot be gated: read the flag first
             self._raise_if_flagged()
             copy_into(self.store, self._by_torch)
@@ -360,21 +403,26 @@ class Transfer:
         """Straight into the store: device and pinned values through the gather kernel,
         checked as they are copied; others by torch and files streamed, then read back."""
         store = self.store
-        kernel: dict[torch.dtype, list[Move]] = {}
+        kernel: dict[torch.dtype, tuple[list[str], list[torch.Tensor]]] = {}
         rest: dict[str, torch.Tensor] = {}
+        dtypes = _dtypes(store)
+        takes: dict[torch.dtype, bool] = {}
         for key, value in self.values.tensors.items():
-            dst = store[key]
-            self._host_sync |= value.device.type == "cpu"
-            if self.kernels and self._kernel_takes(dst.dtype) and self._aligned(value, dst.dtype):
-                kernel.setdefault(dst.dtype, []).append(
-                    Move(key, value, 0, self._offset(dst), dst.numel())
-                )
+            dtype = dtypes[key]
+            self._host_sync |= value.get_device() < 0
+            taken = takes.get(dtype)
+            if taken is None:
+                taken = takes[dtype] = self.kernels and self._kernel_takes(dtype)
+            if taken and self._aligned(value, dtype):
+                keys, values = kernel.setdefault(dtype, ([], []))
+                keys.append(key)
+                values.append(value)
             else:
                 rest[key] = value
-        for dtype, moves in kernel.items():
+        for dtype, (keys, values) in kernel.items():
             arena = store.arenas[(self.device, dtype)]
             check = self.check and floating(dtype)
-            self._launch(arena, moves, ("direct", dtype, check), copy=True, check=check)
+            self._launch_whole(("direct", check), arena, keys, values, copy=True, check=check)
         copy_into(store, rest)
         if self.values.streamed:
             self._host_sync = True
@@ -493,6 +541,14 @@ class Transfer:
 
 
 _NONE = torch.empty(0)
+_DATA_PTR = torch.Tensor.data_ptr
+
+
+def _dtypes(store: WeightStore) -> dict[str, torch.dtype]:
+    cached = store.__dict__.get("_dtypes")
+    if cached is None:
+        cached = store.__dict__["_dtypes"] = {k: t.dtype for k, t in store.tensors.items()}
+    return cached
 
 
 def _staging_buffer(
@@ -523,19 +579,21 @@ def _split(key: str, source: torch.Tensor | FileTensor, limit: int) -> list[_Pie
 def copy_into(store: WeightStore, values: dict[str, torch.Tensor]) -> None:
     """Torch copies into the store of whole values, or of pieces named key@start; returns
     once host sources may be reused."""
-    groups: dict[tuple[torch.device, torch.device], tuple[list[torch.Tensor], list[torch.Tensor]]]
-    groups = {}
+    groups: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    tensors = store.tensors
     for name, value in values.items():
-        key, _, start = name.partition("@")
-        dst = store[key]
-        if start:
-            dst = dst.view(-1)[int(start) : int(start) + value.numel()]
+        dst = tensors.get(name)
+        if dst is None:  # a piece: key@start
+            key, _, start = name.partition("@")
+            dst = store[key].view(-1)[int(start) : int(start) + value.numel()]
             value = value.reshape(-1)
-        dsts, srcs = groups.setdefault((dst.device, value.device), ([], []))
+        dsts, srcs = groups.setdefault(value.get_device(), ([], []))
         dsts.append(dst)
         srcs.append(value)
+    dst_device = store.device
     with torch.no_grad():
-        for (dst_device, src_device), (dsts, srcs) in groups.items():
+        for dsts, srcs in groups.values():
+            src_device = srcs[0].device
             if dst_device == src_device:
                 torch._foreach_copy_(dsts, srcs)
                 continue

@@ -113,8 +113,10 @@ def _reference(
     dropout off), then goes back."""
     module = new.program.module() if new.program is not None else new.module
     assert module is not None  # check_verifiable ran first
-    training = {m: m.training for m in module.modules()}
-    module.eval()
+    # an exported program's module has its mode traced in (and refuses eval())
+    training = {m: m.training for m in module.modules()} if new.program is None else {}
+    if training:
+        module.eval()
     try:
         with torch.no_grad():
             if not quantized:

@@ -142,11 +142,18 @@ def check_graph(graph: fx.Graph, data: dict[str, Any], leaves: int, path: str) -
         )
 
 
-def check_variants(graph: fx.Graph, name: str, signatures: list[Any], path: str) -> None:
-    """Each variant's signature describes as many activations as the graph passes the engine,
-    and no two variants share one."""
-    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
-    counts = {len(n.args) + len(n.kwargs) for n in calls}
+def call_arity(graph: fx.Graph) -> dict[str, set[int]]:
+    """Module name -> the numbers of arguments the graph calls it with (one pass)."""
+    arity: dict[str, set[int]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            arity.setdefault(str(node.target), set()).add(len(node.args) + len(node.kwargs))
+    return arity
+
+
+def check_variants(counts: set[int], name: str, signatures: list[Any], path: str) -> None:
+    """Each variant's signature describes as many activations as the graph passes the engine
+    (`counts`, from `call_arity`), and no two variants share one."""
     for signature in signatures:
         if len(counts) != 1 or len(signature) not in counts:
             raise _bad(

@@ -26,6 +26,7 @@ from .engine import get_backend
 from .errors import SerializationError
 from .export import source_tensors
 from .filecheck import (
+    call_arity,
     check_claim,
     check_devices,
     check_graph,
@@ -189,8 +190,9 @@ def _load(path: str, max_bytes: int | None, weights_bytes: int) -> CompiledModul
         for attr in state.output_constants:
             root.register_buffer(check_name(attr, "attribute"), torch.empty(0), persistent=False)
         _check_children(metadata["children"], archive, path)
+        arity = call_arity(graph)
         for child in metadata["children"]:
-            module = _child_from_json(child, archive, state, graph, path)
+            module = _child_from_json(child, archive, state, arity, path)
             root.add_module(check_name(child["name"], "child"), module)
     _check_references(graph, root, path)
     compiled = (CompiledLM if state.lm is not None else CompiledModule)(root, graph)
@@ -236,7 +238,8 @@ def _check_children(children: list[Any], archive: Archive, path: str) -> None:
         if child["kind"] == "engine":
             used.add(f"engines/{child['name']}.bin")
             used |= {
-                f"engines/{child['name']}.variant{i}.bin" for i in range(len(child["variants"]))
+                f"engines/{child['name']}.variant{i}.bin"
+                for i in range(len(child.get("variants", [])))
             }
     extra = sorted(archive.names() - used)
     if extra:
@@ -316,7 +319,11 @@ def _children_to_json(module: CompiledModule) -> tuple[list[dict[str, Any]], dic
 
 
 def _child_from_json(
-    data: dict[str, Any], archive: Archive, state: RefitState, top: fx.Graph, path: str
+    data: dict[str, Any],
+    archive: Archive,
+    state: RefitState,
+    arity: dict[str, set[int]],
+    path: str,
 ) -> torch.nn.Module:
     keys = list(data["constant_keys"])
     unknown = [k for k in keys if not isinstance(k, str) or k not in state.store.tensors]
@@ -341,12 +348,12 @@ def _child_from_json(
     backend = get_backend(data["backend"])
     name = data["name"]
     # every signature and checksum checked before any artifact is loaded
-    signatures = [_signature_from_json(v["signature"], path) for v in data["variants"]]
-    check_variants(top, name, signatures, path)
+    signatures = [_signature_from_json(v["signature"], path) for v in data.get("variants", [])]
+    check_variants(arity.get(name, set()), name, signatures, path)
     artifact = _artifact(archive, name, data["sha256"], path)
     codes = [
         _artifact(archive, f"{name}.variant{i}", v["sha256"], path)
-        for i, v in enumerate(data["variants"])
+        for i, v in enumerate(data.get("variants", []))
     ]
     runner = backend.load(artifact)
     variants = {

@@ -197,6 +197,38 @@ def test_inspect_imports_nothing_a_dtype_names(files, tmp_path) -> None:
         torchrefit.load(str(path))
 
 
+LOAD = (
+    "import sys, torchrefit\n"
+    "try:\n    torchrefit.load(sys.argv[1])\n"
+    "except torchrefit.TorchRefitError as exc:\n    print('REFUSED', exc, file=sys.stderr)\n"
+    "print('IMPORTED', 'torch.onnx' in sys.modules, file=sys.stderr)\n"
+)
+
+
+@pytest.mark.parametrize("kind, name", [("dtype", "onnx"), ("layout", "onnx"), ("device", "meta")])
+def test_a_stored_graph_names_dtypes_and_devices_from_the_table(
+    files, tmp_path, kind: str, name: str
+) -> None:
+    """A dtype, layout or device argument of a stored graph is looked up in the table: a
+    name that is a torch submodule imports nothing; a device engines do not run on is
+    refused."""
+
+    def argue(metadata: dict[str, Any], members: dict[str, bytes]) -> None:
+        nodes = json.loads(members["engines/_engine_0.bin"])
+        call = next(n for n in nodes if n["op"] == "call_function")
+        call["kwargs"] = {kind: {kind: name}}
+        members["engines/_engine_0.bin"] = json.dumps(nodes).encode()
+        engine = next(c for c in metadata["children"] if c["kind"] == "engine")
+        engine["sha256"] = hashlib.sha256(members["engines/_engine_0.bin"]).hexdigest()
+
+    path = _edited(files["full"], tmp_path / "argued.trf", argue)
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD, str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert "REFUSED" in done.stderr and name in done.stderr, done.stderr
+    assert "IMPORTED False" in done.stderr, done.stderr
+
+
 def test_inspect_output_stays_proportional_to_the_file(files, tmp_path, capsys) -> None:
     """A settings value nested deep (which JSON indents once per level, per line) is shown
     shortened."""

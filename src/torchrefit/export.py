@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from .errors import ExportError, SettingsError, UnsupportedGraphError
 from .settings import Settings
+from .tables import parse_dtype as parse_dtype  # a dtype read back by name: a table lookup
 
 logger = logging.getLogger("torchrefit")
 
@@ -58,39 +58,6 @@ class WeightSpec:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-# Every torch dtype by its own name ("bfloat16"; aliases such as "half" are not names a file
-# holds). A name read from a file or another rank is looked up here, never with getattr on
-# torch, which imports submodules (torch.onnx, torch._inductor) for names that are no dtype.
-DTYPES: dict[str, torch.dtype] = {
-    dtype_name(d): d for d in vars(torch).values() if isinstance(d, torch.dtype)
-}
-
-# The device types engines run on; a device named in a file must be one of them.
-DEVICE_TYPES = ("cpu", "cuda")
-_DEVICE = re.compile(r"(cpu|cuda)(?::(0|[1-9][0-9]?|1[01][0-9]|12[0-7]))?")  # torch: 0 to 127
-
-
-def parse_dtype(name: Any) -> torch.dtype:
-    """The dtype `name` names ("float16"); SettingsError (a ValueError) for anything else."""
-    dtype = DTYPES.get(name) if isinstance(name, str) else None
-    if dtype is None:
-        raise SettingsError(f"{str(name)[:80]!r} names no torch dtype.")
-    return dtype
-
-
-def parse_device(name: Any) -> torch.device:
-    """The device `name` names ("cpu", "cuda", "cuda:1"); SettingsError (a ValueError) for
-    anything else, such as "meta", "xpu" or "hpu", where torchrefit runs no engine."""
-    found = _DEVICE.fullmatch(name) if isinstance(name, str) else None
-    if found is None:
-        raise SettingsError(
-            f"{str(name)[:80]!r} names no device torchrefit runs engines on; expected one of "
-            f"{DEVICE_TYPES}, e.g. 'cpu' or 'cuda:0'."
-        )
-    kind, index = found.groups()
-    return torch.device(kind) if index is None else torch.device(kind, int(index))
 
 
 def export_model(

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from .errors import SerializationError, SettingsError
-from .export import parse_device, parse_dtype
+from .tables import parse_device, parse_dtype
 
 LINEAGE_KINDS = ("identity", "cast", "state", "program")
 MAX_DIM = 1 << 40  # a stored size; real ones are far smaller, Python ints are unbounded

@@ -112,9 +112,7 @@ def sweep_orphans(directory: str, names: re.Pattern[str], age: float = ORPHAN_SE
         entries = list(os.scandir(directory))
     except OSError:
         return 0
-    return sum(
-        _remove_orphan(entry.path, age) for entry in entries if names.fullmatch(entry.name)
-    )
+    return sum(_remove_orphan(entry.path, age) for entry in entries if names.fullmatch(entry.name))
 
 
 def _remove_orphan(path: str, age: float) -> bool:

@@ -21,11 +21,12 @@ import torch.utils._pytree as pytree
 
 from .calls import CallSignature
 from .errors import SerializationError
-from .export import WeightSpec, dtype_name, parse_device, parse_dtype
+from .export import WeightSpec, dtype_name
 from .filecheck import shape_of
 from .lower.context import Lineage
 from .module import InputGuard, LMInfo, RefitState
 from .settings import Settings
+from .tables import parse_device, parse_dtype
 from .weights import WeightProgram, WeightStore
 
 DERIVED_GROWTH = 64  # a derived constant holds at most this many times its sources' elements

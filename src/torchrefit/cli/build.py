@@ -16,9 +16,9 @@ import torch
 from ..compile import compile as compile_model
 from ..decoder import compile_lm
 from ..errors import TorchRefitError
-from ..export import DTYPES
 from ..serialize import save
 from ..settings import Settings
+from ..tables import DTYPES
 from .files import size_text
 from .progress import progress
 

@@ -111,6 +111,8 @@ def _compile_lm(args: argparse.Namespace, err: TextIO) -> None:
         model = _model(args.model).eval()
         if wanted.torch_dtype is not None or device is not None:
             model = model.to(dtype=wanted.torch_dtype, device=device)
+        if "device" in overrides:  # "cuda" names the device the model went to: "cuda:0"
+            overrides["device"] = str(next(model.parameters()).device)
         status.stage(f"compiling {args.model} for generation")
         lm = compile_lm(
             model,

@@ -289,9 +289,12 @@ class MutableModule(torch.nn.Module):
     @classmethod
     def load(cls, path: str, model: torch.nn.Module, **overrides: Any) -> MutableModule:
         """Wrap `model` around a module saved by `save`: no compile for its structure, and
-        the model's current weights are refitted in before the first call runs."""
+        the model's current weights are refitted in before the first call runs. Later
+        compiles take the settings given here (`settings=`, keyword overrides), as
+        `MutableModule(model, ...)` does: the file's settings describe its engines only, and
+        never seed a compile or name a cache directory."""
         compiled = load(path)
-        mutable = cls(model, settings=compiled.settings, **overrides)
+        mutable = cls(model, **overrides)
         lora = lora_trace(model)  # what the file's trace read is unknown: all of the state counts
         reads = whole_state(model).without(lora.handled())
         mutable._variants.append(_Variant(reads, lora, None, compiled))  # seen nothing: refit

@@ -174,11 +174,16 @@ def state_from_json(
 
 
 def described(settings: Settings) -> Settings:
-    """Settings read from a file describe its engines; they never name a directory (the engine
-    cache's fields are reset to their defaults: a loaded module's cache is the caller's)."""
+    """Settings read from a file describe its engines; they never name a directory nor turn
+    a safety off: the engine cache's fields, the finiteness check and the staging bound are
+    the defaults (a loaded module's cache and checks are the caller's)."""
     defaults = Settings()
     return dataclasses.replace(
-        settings, cache_dir=defaults.cache_dir, cache_max_bytes=defaults.cache_max_bytes
+        settings,
+        cache_dir=defaults.cache_dir,
+        cache_max_bytes=defaults.cache_max_bytes,
+        check_finite=defaults.check_finite,
+        staging_bytes=defaults.staging_bytes,
     )
 
 

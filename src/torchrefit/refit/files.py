@@ -20,7 +20,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from io import BufferedReader
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -195,11 +195,20 @@ def unreadable(path: str, exc: BaseException) -> IncompatibleWeightsError:
     )
 
 
+def open_weights(path: str) -> BufferedReader:
+    """A weights file opened again to read its bytes: a regular file still (a path swapped
+    for a FIFO since its header was read would block forever), else a typed error."""
+    try:
+        return cast(BufferedReader, open_regular(path))  # os.fdopen(fd, "rb") is one
+    except (OSError, ValueError) as exc:
+        raise unreadable(path, exc) from exc
+
+
 def read_tensor(t: FileTensor) -> torch.Tensor:
     """One tensor, read whole into host memory."""
     out = torch.empty(t.end - t.begin, dtype=torch.uint8)
     try:
-        with open(t.path, "rb") as f:
+        with open_weights(t.path) as f:
             f.seek(t.begin)
             if f.readinto(out.numpy().data) != out.numel():
                 raise ValueError("the file ends early")
@@ -232,7 +241,7 @@ def peak_magnitude(t: FileTensor, scratch: torch.Tensor) -> float:
     """The largest |value| of a floating tensor in the file (NaN if it holds one), read in
     chunks: a reading pass, no write."""
     peak = 0.0
-    with open(t.path, "rb") as f:
+    with open_weights(t.path) as f:
         for _, chunk in chunks_of(f, t, lambda: scratch):
             largest = _largest(chunk)
             if largest != largest:  # NaN

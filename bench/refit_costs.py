@@ -316,7 +316,23 @@ def cpu_mlp_rows(quick: bool) -> Row:
             row[f"err_refit_{mode}"] = error(module(x), b(x))
         refitter = torchrefit.Refitter(module, b, check_finite=flag)
         row[f"refitter_device_{mode}_ms"] = median_ms(refitter, "cpu", 3, iters)
+    mutable_rows(row, b, x, iters)
     return row
+
+
+def mutable_rows(row: Row, model: torch.nn.Module, x: torch.Tensor, iters: int) -> None:
+    """A MutableModule's call with unchanged weights (it must tell that nothing changed,
+    `.data` writes included) against the compiled module's call."""
+    with torch.no_grad():
+        compiled = torchrefit.compile(model, (x,), backend="eager")
+        row["call_compiled_ms"] = median_ms(lambda: compiled(x), "cpu", 3, iters)
+        mutables = {}
+        for label, check in (("call_mutable_unchecked_ms", False), ("call_mutable_ms", True)):
+            mutables[label] = torchrefit.MutableModule(model, backend="eager", check_values=check)
+            mutables[label](x)
+            row[label] = median_ms(lambda m=mutables[label]: m(x), "cpu", 3, iters)
+        model.get_submodule("0").weight.data.mul_(0.5)  # a .data write: the next call refits
+        row["err_mutable"] = error(mutables["call_mutable_ms"](x), model(x))
 
 
 LABELS = {
@@ -351,6 +367,9 @@ def table(rows: list[Row]) -> str:
             ("serve_plain_ratio", "inference throughput during refits, plain (x alone)"),
             ("serve_double_ratio", "inference throughput during refits, double-buffered"),
             ("torchrefit_call_ms", "CUDA-graph call, torchrefit (ms)"),
+            ("call_compiled_ms", "call of the compiled module (ms)"),
+            ("call_mutable_ms", "call of a MutableModule, weights unchanged (ms)"),
+            ("call_mutable_unchecked_ms", "the same, check_values=False (ms)"),
             ("recipe_call_wall_ms", "CUDA-graph call, same-card recipe (ms)"),
         ):
             if key in r:

@@ -57,6 +57,7 @@ class _Variant:
     compiled: CompiledModule
     seen: dict[str, tuple[int, int, tuple[int, ...]]] = field(default_factory=dict)
     stamps: dict[str, int] = field(default_factory=dict)  # `.data` accesses refitted
+    all_watched: bool = False  # every weight a parameter the watch sees: no value compared
     snapshots: dict[str, torch.Tensor] = field(default_factory=dict)  # weights the store hides
 
     def difference(self, modules: Modules) -> str | None:
@@ -358,6 +359,7 @@ class MutableModule(torch.nn.Module):
         specs = variant.compiled._torchrefit.specs
         named = self.model.named_parameters(remove_duplicate=False)
         self._watch.watch((n, p) for n, p in named if n in specs)
+        variant.all_watched = self._watch.covers_all(specs, self.model)
 
     def _sync(self, variant: _Variant, modules: Modules) -> bool:
         """Refit what changed; False when only a recompile can follow the change."""
@@ -367,7 +369,9 @@ class MutableModule(torch.nn.Module):
     def _sync_locked(self, variant: _Variant, modules: Modules) -> bool:
         state = variant.compiled._torchrefit
         seen, shared = self._identities()  # taken before any value is read: a write that
-        current = self._weights(variant, modules)  # lands during the refit counts next call
+        if self._unchanged(variant, seen, shared):  # lands during the refit counts next call
+            return True
+        current = self._weights(variant, modules)
         named: dict[str, Source] = {
             k: t for k, t in current.items() if k in state.specs or k in state.aliases
         }
@@ -388,6 +392,26 @@ class MutableModule(torch.nn.Module):
             variant.snapshots.update(snapshots)
             self._watch_weights(variant)
         variant.seen, variant.stamps = seen, stamps
+        return True
+
+    def _unchanged(
+        self,
+        variant: _Variant,
+        seen: dict[str, tuple[int, int, tuple[int, ...]]],
+        shared: set[str],
+    ) -> bool:
+        """Whether nothing can have changed, known without reading a value: the same weights
+        with the same storage and versions, no `.data` access, no LoRA layer (their views
+        are computed), and nothing compared by value (every weight watched)."""
+        if seen != variant.seen or variant.lora.merged or shared:
+            return False
+        if self._watch is not None:
+            if self._watch.accessed(variant.stamps)[0]:
+                return False
+            if self._check_values and not variant.all_watched:
+                return False
+        elif self._check_values:
+            return False
         return True
 
     def _changed(

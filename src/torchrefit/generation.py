@@ -44,6 +44,7 @@ class GenerateKwargs(TypedDict, total=False):
 
 
 KEYWORDS = frozenset(GenerateKwargs.__annotations__)
+_PENALTY = "a positive number (1.0: no penalty)"
 DEFAULT_NEW_TOKENS = 20  # when neither the call nor a generation_config bounds the length
 
 # GenerationConfig fields generate implements, read as defaults for the arguments
@@ -116,9 +117,8 @@ def resolve(
         top_k=_count("top_k", values.get("top_k", 0), 0),
         top_p=_real("top_p", values.get("top_p", 1.0), 0.0, 1.0, "a number in (0, 1]"),
         repetition_penalty=_real(
-            "repetition_penalty", values.get("repetition_penalty", 1.0), 0.0, math.inf,
-            "a positive number (1.0: no penalty)",
-        ),  # fmt: skip
+            "repetition_penalty", values.get("repetition_penalty", 1.0), 0.0, math.inf, _PENALTY
+        ),
         num_return_sequences=count,
         eos=eos,
         pad=_pad(values.get("pad_token_id"), model_pad, eos, vocab),
@@ -205,12 +205,12 @@ def _lengths(
     """(max_new_tokens, min_new_tokens): an explicit count wins over an explicit total
     length, which wins over the config's (its max_new_tokens, then its max_length)."""
     config = options.get("generation_config")
+    total = _count("max_length", values["max_length"], 1) if "max_length" in values else None
     if max_new_tokens is not None:
         new = _count("max_new_tokens", max_new_tokens, 1)
-    elif options.get("max_length") is not None or (
-        getattr(config, "max_new_tokens", None) is None and "max_length" in values
+    elif total is not None and (
+        options.get("max_length") is not None or getattr(config, "max_new_tokens", None) is None
     ):
-        total = _count("max_length", values["max_length"], 1)
         new = total - prompt
         if new < 1:
             raise InputError(

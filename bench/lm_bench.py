@@ -222,7 +222,10 @@ class LMBench:
         model = model.to(self.dtype).eval()
         model.generation_config.pad_token_id = 0
         started = time.perf_counter()
-        lm = torchrefit.compile_lm(model, batch, self.prompt + longest, backend=self.backend)
+        sizes = [b for b in self.decode_sizes or () if b == batch]  # this batch's, if asked
+        lm = torchrefit.compile_lm(
+            model, batch, self.prompt + longest, backend=self.backend, decode_batch_sizes=sizes
+        )
         row: dict[str, Any] = {
             "lengths": {
                 "min": int(lengths.min()),

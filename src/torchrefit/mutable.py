@@ -189,29 +189,28 @@ class MutableModule(torch.nn.Module):
         attention_mask: torch.Tensor | None = None,
         max_new_tokens: int | None = None,
         **options: Any,
-    ) -> torch.Tensor:
+    ) -> Any:
         """The wrapped causal LM's `generate`, run by a `CompiledLM` (compile_lm) that is
-        refitted when the weights changed, like a call. Options it does not take (beam
-        search, streamers, ...) run the model's own generate, uncompiled, with a warning."""
+        refitted when the weights changed, like a call; it takes `CompiledLM.generate`'s
+        options. Options it cannot honour (beam search, streamers, a generation_config that
+        asks for them, ...) run the model's own generate, uncompiled, with a warning."""
         model = self.model
-        unknown = sorted(set(options) - _GENERATE_OPTIONS)
+        unknown = CompiledLM.unsupported_options(options)
         if unknown or not hasattr(model, "generation_config"):
             reason = f"options {unknown}" if unknown else "a model without a generation_config"
             return self._generate_uncompiled(
                 reason, input_ids, attention_mask, max_new_tokens, options
             )
-        if max_new_tokens is None:
-            max_new_tokens = _default_new_tokens(model, input_ids.shape[-1])
+        default = _default_new_tokens(model, getattr(input_ids, "shape", (0,))[-1])
+        rows, length, new = CompiledLM.call_size(input_ids, max_new_tokens, options, default)
         with self._lock:
-            try:
-                lm = self._lm_for(input_ids, max_new_tokens)
+            try:  # the cache must hold rows x (length + new): a view of that shape asks for it
+                lm = self._lm_for(input_ids[:1].expand(rows, length), new)
             except TorchRefitError as exc:
                 return self._generate_uncompiled(
                     str(exc), input_ids, attention_mask, max_new_tokens, options
                 )
-        return lm.generate(
-            input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **options
-        )
+        return lm.generate(input_ids, attention_mask=attention_mask, max_new_tokens=new, **options)
 
     def _lm_for(self, input_ids: torch.Tensor, max_new_tokens: int) -> CompiledLM:
         """A CompiledLM whose cache fits the call, up to date with the weights: a refit when
@@ -500,11 +499,6 @@ class MutableModule(torch.nn.Module):
             if not shown:
                 snapshots[fqn] = tensor.detach().clone()
         return snapshots
-
-
-_GENERATE_OPTIONS = frozenset(
-    {"do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id", "generator"}
-)
 
 
 def _default_new_tokens(model: torch.nn.Module, prompt: int) -> int:

@@ -35,6 +35,9 @@ class Values:
     tensors: dict[str, torch.Tensor]
     streamed: dict[str, FileTensor] = field(default_factory=dict)
     sources: dict[str, Source] = field(default_factory=dict)  # store key -> source, when cast
+    # host memory was read asynchronously (a pinned source moved to the device): the commit
+    # syncs before returning, so the caller may reuse it
+    host_read: bool = False
 
     def keys(self) -> set[str]:
         return set(self.tensors) | set(self.streamed)
@@ -55,6 +58,7 @@ def evaluate(matched: Matched, state: RefitState, keys: set[str] | None = None) 
     wanted = _refitted(state) if keys is None else [k for k in _refitted(state) if k in keys]
     streamed: dict[str, FileTensor] = {}
     cast: dict[str, torch.Tensor] = {}
+    host_read = False
     engine_dtypes, device = state.engine_dtypes, store.device
     for fqn, source in matched.tensors.items():
         if isinstance(source, FileTensor):
@@ -67,6 +71,7 @@ def evaluate(matched: Matched, state: RefitState, keys: set[str] | None = None) 
             cast[fqn] = source  # identity: copied from where it is
         else:
             cast[fqn] = _cast(source, dtype, device, fqn in needed)
+            host_read |= source.device != cast[fqn].device
     derived = _derived(matched, state, cast, inverse)
     values = {
         k: derived[k] if k in derived else cast[k] for k in wanted if k in derived or k in cast
@@ -78,7 +83,8 @@ def evaluate(matched: Matched, state: RefitState, keys: set[str] | None = None) 
     sources = {
         k: matched.tensors[k] for k in owned if k in cast and cast[k] is not matched.tensors[k]
     }
-    return Values(owned, {k: v for k, v in streamed.items() if k in wanted}, sources)
+    streams = {k: v for k, v in streamed.items() if k in wanted}
+    return Values(owned, streams, sources, host_read)
 
 
 def _refitted(state: RefitState) -> list[str]:
@@ -256,7 +262,7 @@ def _refusal(key: str, value: torch.Tensor, source: Source | None, state: RefitS
     nan = bool(torch.isnan(value).any())
     what = "NaN" if nan else "inf, which it did not hold when compiled"
     return (
-        f"Weight {key!r} holds {what}; nothing was written. Refit with finite weights "
+        f"Weight {key!r} holds {what}; it was not written. Refit with finite weights "
         "(check the training step that produced them)."
     )
 
@@ -358,7 +364,7 @@ def name_streamed(values: Values, state: RefitState) -> None:
         scratch = torch.empty(buffer_bytes(), dtype=torch.uint8) if scratch is None else scratch
         peak = peak_magnitude(t, scratch)
         if peak != peak:
-            raise WeightValueError(f"Weight {key!r} in {t.path!r} holds NaN; nothing was written.")
+            raise WeightValueError(f"Weight {key!r} in {t.path!r} holds NaN; it was not written.")
         if not peak <= torch.finfo(target).max and key not in state.inf_allowed:
             raise WeightValueError(
                 f"Weight {key!r} overflows {target} (largest magnitude {peak:.4g}); it would "

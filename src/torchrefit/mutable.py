@@ -340,11 +340,11 @@ class MutableModule(torch.nn.Module):
 
     def _identities(self) -> tuple[dict[str, tuple[int, int, tuple[int, ...]]], set[str]]:
         """Each weight's storage, version and shape, as the next refit will read it; and
-        the parameters whose memory another tensor shares now (an alias taken before the
-        watch began, through which `.data` writes go unseen): those are compared by value
-        while the alias lives."""
+        the parameters that still have an alias taken before the watch began (a `.data`
+        alias's writes go unseen): those are compared by value while it lives."""
         params = dict(self.model.named_parameters(remove_duplicate=False))
-        shared = {f for f, t in params.items() if _shared(t)} if self._check_values else set()
+        watch = self._watch
+        shared = {f for f, t in params.items() if watch.unseen_aliases(t)} if watch else set()
         tensors: dict[str, torch.Tensor] = dict(params)
         tensors.update(self.model.named_buffers(remove_duplicate=False))
         return {f: _identity(t) for f, t in tensors.items()}, shared
@@ -528,14 +528,6 @@ def _identity(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
     those."""
     return (tensor.data_ptr(), tensor._version, tuple(tensor.shape))
 
-
-def _shared(tensor: torch.Tensor) -> bool:
-    """Whether another tensor shares this one's memory now (a `.data` alias, a view):
-    more references than this tensor's and the storage object asked."""
-    return _use_count(tensor.untyped_storage()._cdata) > 2
-
-
-_use_count = torch._C._storage_Use_Count
 
 
 def _input_signature(args: tuple, kwargs: dict) -> tuple:

@@ -40,6 +40,7 @@ class Watch:
         # of an alias from it: a write through it may have landed before it died)
         self.live: dict[str, int] = {}  # name -> how many aliases from `.data` are alive
         self._refs: set[weakref.ref[torch.Tensor]] = set()
+        self.aliased: set[int] = set()  # ids of parameters aliased when the watch began
         self.watched: dict[int, tuple[torch.Tensor, tuple[str, ...]]] = {}
         self._finalizer = weakref.finalize(self, _release, self.watched)
 
@@ -55,6 +56,8 @@ class Watch:
                 if known is not None and known[0] is tensor and set(known[1]) == set(names):
                     continue
                 self.watched[key] = (tensor, tuple(names))
+                if _aliased(tensor):  # aliases taken before the watch: they go unseen
+                    self.aliased.add(key)
                 _watchers(tensor).add(self)
                 tensor.__class__ = _Watched
 
@@ -62,6 +65,18 @@ class Watch:
         """Whether `.data` accesses of `tensor` reach this watch."""
         entry = self.watched.get(id(tensor))
         return entry is not None and entry[0] is tensor and type(tensor) is _Watched
+
+    def unseen_aliases(self, tensor: torch.Tensor) -> bool:
+        """Whether `tensor` still has an alias taken before the watch began (a `.data`
+        alias's writes move no version counter and were not noted: compare its values).
+        Once such aliases are gone it is watched like the rest."""
+        key = id(tensor)
+        if key not in self.aliased:
+            return False
+        if _aliased(tensor):
+            return True
+        self.aliased.discard(key)
+        return False
 
     def covers_all(self, names: Any, model: torch.nn.Module) -> bool:
         """Whether every weight among `names` is a parameter of `model` this watch sees (no
@@ -134,6 +149,12 @@ def _alias_died(
     found = watch()
     if found is not None:
         found.died(names, ref)
+
+
+def _aliased(tensor: torch.Tensor) -> bool:
+    """Whether another tensor shares this one's memory now: more references to its
+    storage than this tensor's and the storage object asked."""
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) > 2
 
 
 def _forget(key: int, _: object) -> None:

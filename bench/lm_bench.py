@@ -14,7 +14,11 @@ tiny config (CPU smoke test). Rows:
 - refits of the whole model with `Refitter` from device tensors, `load_state_dict` and a
   flat copy; an RL-shaped loop (batch 32, 256 new tokens, a refit, three times);
 - tokens checked: torchrefit's greedy tokens against transformers' (bfloat16 rounding may
-  part them after a while: the matching prefix is reported), before and after a refit.
+  part them after a while: the matching prefix is reported), before and after a refit;
+- `eos`: tokens per second at batch 32 with rows ending apart (lengths drawn uniformly in
+  16-256; the model forces each row's EOS at its drawn length, so both systems do the same
+  work whatever they draw), greedy and sampled, torchrefit against transformers' static
+  cache (compiled on a GPU; transformers compiles it on GPUs only) in the same run.
 
 Writes a JSON file (--out) after every section, so a run cut short keeps what it measured.
 """
@@ -60,6 +64,44 @@ def build(cfg: transformers.LlamaConfig, device: str, dtype: torch.dtype, seed: 
     model.generation_config.eos_token_id = None  # random weights: never stop early
     model.generation_config.pad_token_id = 0
     return model
+
+
+class EndsAt(transformers.LlamaForCausalLM):
+    """The `eos` section's model: a Llama whose logits make row r's EOS the only choice at
+    position `ends[r]` and refuse it before, so rows end at drawn lengths whatever the
+    tokens (bfloat16 rounding may part the two systems' tokens, never their work)."""
+
+    def __init__(self, cfg: transformers.LlamaConfig, ends: torch.Tensor) -> None:
+        super().__init__(cfg)
+        self.register_buffer("ends", ends.clone())
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: Any = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        cache_position: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> Any:
+        out = super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, cache_position=cache_position,
+            logits_to_keep=logits_to_keep, **kwargs,
+        )  # fmt: skip
+        logits = out.logits
+        if position_ids is None:
+            assert cache_position is not None
+            position_ids = cache_position[None].expand(logits.shape[0], -1)
+        if isinstance(logits_to_keep, int):
+            kept = position_ids[:, -logits_to_keep:] if logits_to_keep else position_ids
+        else:
+            kept = position_ids[:, logits_to_keep]
+        at_end = kept == self.ends[: logits.shape[0], None]
+        eos = self.config.eos_token_id
+        logits[:, :, eos] = torch.where(at_end, 1e4, -1e4).to(logits.dtype)
+        return out
 
 
 def sync(device: str) -> None:
@@ -131,6 +173,7 @@ class LMBench:
         self.dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         self.skip = set(filter(None, args.skip.split(",")))
         self.cfg = config(args.tiny)
+        self.backend = args.backend
         self.prompt, self.new = args.prompt, args.new
         self.decode_sizes = (
             None
@@ -163,6 +206,61 @@ class LMBench:
     def greedy(self, model: Any, ids: torch.Tensor, new: int) -> torch.Tensor:
         with torch.no_grad():
             return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+
+    def eos_spread(self, batch: int = 32, longest: int = 256) -> dict[str, Any]:
+        """Tokens per second at batch 32, row lengths uniform in 16-256 (each row's EOS
+        forced at its length): greedy and sampled (top_p 0.95), torchrefit against
+        transformers' static cache, in this run. Tokens counted: each row's own, EOS
+        included, not the padding after it."""
+        g = torch.Generator().manual_seed(0)
+        lengths = torch.randint(min(16, longest), longest + 1, (batch,), generator=g)
+        # the token ending a row of length L comes from the logits at position prompt-2+L
+        ends = (self.prompt - 2 + lengths).to(self.device)
+        torch.manual_seed(0)
+        with torch.device(self.device):
+            model = EndsAt(self.cfg, ends)
+        model = model.to(self.dtype).eval()
+        model.generation_config.pad_token_id = 0
+        started = time.perf_counter()
+        sizes = [b for b in self.decode_sizes or () if b == batch]  # this batch's, if asked
+        lm = torchrefit.compile_lm(
+            model, batch, self.prompt + longest, backend=self.backend, decode_batch_sizes=sizes
+        )
+        row: dict[str, Any] = {
+            "lengths": {
+                "min": int(lengths.min()),
+                "mean": float(lengths.float().mean()),
+                "max": int(lengths.max()),
+            },  # fmt: skip
+            "tokens": int(lengths.sum()),
+            "compile_lm_s": time.perf_counter() - started,
+            "transformers_static_compiled": self.device == "cuda",
+        }
+        ids = self.ids(batch, self.prompt)
+        eos = self.cfg.eos_token_id
+        sampled = {"do_sample": True, "top_p": 0.95, "top_k": 0}  # top_k 0: transformers' off
+        for mode, options in (("greedy", {"do_sample": False}), ("sampled", sampled)):
+
+            def ours(options: dict[str, Any] = options) -> Any:
+                return lm.generate(ids, max_new_tokens=longest, **options)
+
+            def static(options: dict[str, Any] = options) -> Any:
+                with torch.no_grad():
+                    return model.generate(
+                        ids, max_new_tokens=longest, cache_implementation="static", **options
+                    )  # fmt: skip
+
+            for name, fn in (("torchrefit", ours), ("transformers_static", static)):
+                ends_at = (fn()[:, self.prompt :] == eos).int().argmax(dim=1).cpu() + 1
+                row[f"{name}_{mode}_rows_end_as_drawn"] = bool(torch.equal(ends_at, lengths))
+                seconds = wall_s(fn, self.device, 2)
+                row[f"{name}_{mode}_s"] = seconds
+                row[f"{name}_{mode}_tokens_per_s"] = row["tokens"] / seconds
+            row[f"speedup_{mode}"] = (
+                row[f"torchrefit_{mode}_tokens_per_s"]
+                / row[f"transformers_static_{mode}_tokens_per_s"]
+            )
+        return row
 
     def bounds(self) -> dict[str, Any]:
         nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -342,7 +440,10 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--skip", default="", help="sections to skip: decode,static,prefill,rl")
+    parser.add_argument("--skip", default="", help="sections to skip: decode,static,prefill,rl,eos")
+    parser.add_argument("--backend", default="inductor", help="compile_lm's backend (eos)")
+    parser.add_argument("--eos-batch", type=int, default=32, help="eos: rows")
+    parser.add_argument("--eos-longest", type=int, default=256, help="eos: longest row")
     parser.add_argument(
         "--decode-sizes", default=None, help="compile_lm's decode_batch_sizes, e.g. 1,32"
     )
@@ -360,6 +461,8 @@ def main() -> None:
         run.section("prefill", bench.prefill)
     if "rl" not in bench.skip:
         run.section("rl_loop", bench.rl_loop)
+    if "eos" not in bench.skip:
+        run.section("eos_spread", lambda: bench.eos_spread(args.eos_batch, args.eos_longest))
 
 
 if __name__ == "__main__":

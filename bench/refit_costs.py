@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from refit_bench import build, error, inputs, median_ms, sync  # noqa: E402
+from refit_bench import build, error, event_ms, inputs, median_ms, sync  # noqa: E402
 
 import torchrefit  # noqa: E402
 
@@ -222,26 +222,10 @@ def serving_rows(row: Row, a: Any, b: Any, x: tuple, seconds: float) -> None:
         during = throughput(module, x, "cuda", seconds, lambda i, r=refitters: r[i % 2]())
         row[f"serve_{mode}_ratio"] = during["calls_per_s"] / alone["calls_per_s"]
         row[f"serve_{mode}_refits_per_s"] = during["refits_per_s"]
-        if mode == "plain":
-            replay, copies = recipe(a, x)
-            row["recipe_call_ms"] = copies
+        if mode == "plain":  # as call_overhead.py measures it: CUDA event spans
+            row["recipe_call_ms"] = recipe(a, x)[1]
             with torch.no_grad():
-                row["torchrefit_call_ms"] = median_ms(lambda m=module: m(*x), "cuda", iters=200)
-                row["recipe_call_wall_ms"] = _recipe_wall(a, x)
-
-
-def _recipe_wall(a: Any, x: tuple) -> float:
-    from refit_bench import capture_standalone
-
-    graph, static, outputs = capture_standalone(a, x)
-
-    def call() -> list[torch.Tensor]:
-        for buffer, t in zip(static, x, strict=True):
-            buffer.copy_(t)
-        graph.replay()
-        return [y.clone() for y in outputs]
-
-    return median_ms(call, "cuda", iters=200)
+                row["torchrefit_call_ms"] = event_ms(lambda m=module: m(*x), "cuda")
 
 
 def stack_rows(device: str, quick: bool) -> Row:
@@ -316,7 +300,23 @@ def cpu_mlp_rows(quick: bool) -> Row:
             row[f"err_refit_{mode}"] = error(module(x), b(x))
         refitter = torchrefit.Refitter(module, b, check_finite=flag)
         row[f"refitter_device_{mode}_ms"] = median_ms(refitter, "cpu", 3, iters)
+    mutable_rows(row, b, x, iters)
     return row
+
+
+def mutable_rows(row: Row, model: torch.nn.Module, x: torch.Tensor, iters: int) -> None:
+    """A MutableModule's call with unchanged weights (it must tell that nothing changed,
+    `.data` writes included) against the compiled module's call."""
+    with torch.no_grad():
+        compiled = torchrefit.compile(model, (x,), backend="eager")
+        row["call_compiled_ms"] = median_ms(lambda: compiled(x), "cpu", 3, iters)
+        mutables = {}
+        for label, check in (("call_mutable_unchecked_ms", False), ("call_mutable_ms", True)):
+            mutables[label] = torchrefit.MutableModule(model, backend="eager", check_values=check)
+            mutables[label](x)
+            row[label] = median_ms(lambda m=mutables[label]: m(x), "cpu", 3, iters)
+        model.get_submodule("0").weight.data.mul_(0.5)  # a .data write: the next call refits
+        row["err_mutable"] = error(mutables["call_mutable_ms"](x), model(x))
 
 
 LABELS = {
@@ -351,7 +351,10 @@ def table(rows: list[Row]) -> str:
             ("serve_plain_ratio", "inference throughput during refits, plain (x alone)"),
             ("serve_double_ratio", "inference throughput during refits, double-buffered"),
             ("torchrefit_call_ms", "CUDA-graph call, torchrefit (ms)"),
-            ("recipe_call_wall_ms", "CUDA-graph call, same-card recipe (ms)"),
+            ("call_compiled_ms", "call of the compiled module (ms)"),
+            ("call_mutable_ms", "call of a MutableModule, weights unchanged (ms)"),
+            ("call_mutable_unchecked_ms", "the same, check_values=False (ms)"),
+            ("recipe_call_ms", "CUDA-graph call, same-card recipe with its copies (ms)"),
         ):
             if key in r:
                 lines.append(f"| {r['model']} | {label} | {r[key]:.3f} | | | |")

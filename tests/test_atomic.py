@@ -130,3 +130,66 @@ def test_saving_onto_a_directory_is_refused(tmp_path) -> None:
     compiled, _, _, _ = _saved(tmp_path)
     with pytest.raises(torchrefit.SerializationError, match="directory"):
         torchrefit.save(compiled, str(tmp_path))
+
+
+def test_the_next_write_sweeps_orphans_but_never_a_live_writers_temporary(tmp_path) -> None:
+    """An orphan is a temporary of this target that no writer holds a lock on, last written
+    over a minute ago; a temporary just made, or one a live writer holds, is left alone."""
+    import fcntl
+
+    compiled, path, x, expected = _saved(tmp_path)
+    orphan, held, fresh = (tmp_path / f".m.trf.{tag}.tmp" for tag in ("dead", "held", "fresh"))
+    other = tmp_path / ".other.trf.dead.tmp"  # another target's: not this write's to judge
+    for temporary in (orphan, held, fresh, other):
+        temporary.write_bytes(b"half a file")
+    for temporary in (orphan, held, other):
+        os.utime(temporary, (1, 1))
+    with open(held, "rb") as writer:
+        fcntl.flock(writer, fcntl.LOCK_EX)
+        torchrefit.save(compiled, path)
+        assert not orphan.exists() and held.exists() and fresh.exists() and other.exists()
+    torchrefit.save(compiled, path)
+    assert not held.exists() and fresh.exists()
+    assert torch.equal(torchrefit.load(path)(*x), expected)
+
+
+def test_refit_verify_killed_leaves_an_orphan_the_next_run_sweeps(tmp_path) -> None:
+    """kill -9 while `refit --verify` writes or checks its output: the old output is whole,
+    and the temporary left behind goes with the next write of that output."""
+    from safetensors.torch import save_file
+
+    from torchrefit.cli import main
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(16)]).eval()
+    x = (torch.randn(2, 1024),)
+    big = str(tmp_path / "big.trf")
+    torchrefit.save(torchrefit.compile(model, x, backend="eager"), big)  # 67 MB
+    weights = str(tmp_path / "w.safetensors")
+    save_file({k: torch.randn_like(v) for k, v in model.state_dict().items()}, weights)
+    out = tmp_path / "out.trf"
+    source = os.path.dirname(os.path.dirname(torchrefit.__file__))
+    refit = subprocess.Popen(
+        [sys.executable, "-m", "torchrefit.cli", "refit", big, weights, "-o", str(out), "--verify"],
+        env={**os.environ, "PYTHONPATH": source},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not _hidden(tmp_path) and refit.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+    finally:
+        refit.send_signal(signal.SIGKILL)
+        refit.wait()
+    orphans = _hidden(tmp_path)
+    assert orphans and not out.exists(), "the kill came after the refit ended"
+    for orphan in orphans:
+        os.utime(orphan, (1, 1))  # as if the kill was long ago
+    assert main(["refit", big, weights, "-o", str(out)]) == 0
+    assert not _hidden(tmp_path), "the orphan of the killed refit stayed"
+    assert torchrefit.load(str(out))(*x).shape == (2, 1024)
+
+
+def _hidden(directory) -> list:
+    return [p for p in directory.iterdir() if p.name.startswith(".")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,24 @@ def test_refitter_overhead_bench_runs_every_refit_side_by_side() -> None:
         assert row[f"{key}_ms"] > 0 and row[f"err_{key}"] < 1e-4, key
     assert row["flat_copy_ms"] > 0
     assert "| Refitter, checked, double_buffer (checked as copied) |" in run.stdout
+
+
+def test_lm_bench_eos_spread_runs_both_systems_over_the_same_row_lengths(tmp_path) -> None:
+    """bench/lm_bench.py's eos section on CPU (tiny model, eager engines, short rows): both
+    systems end every row at its drawn length, and tokens per second are reported."""
+    out = tmp_path / "lm.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "lm_bench.py"), "--tiny", "--skip",
+         "decode,prefill,rl", "--backend", "eager", "--eos-batch", "6", "--eos-longest", "24",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # a tiny model: threads only contend
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = json.loads(out.read_text())["eos_spread"]
+    assert "error" not in row, row
+    for system in ("torchrefit", "transformers_static"):
+        for mode in ("greedy", "sampled"):
+            assert row[f"{system}_{mode}_rows_end_as_drawn"], (system, mode)
+            assert row[f"{system}_{mode}_tokens_per_s"] > 0
+    assert 16 <= row["lengths"]["min"] <= row["lengths"]["max"] <= 24

@@ -196,13 +196,58 @@ def test_orphaned_temporaries_are_removed_and_home_is_expanded(tmp_path, monkeyp
     monkeypatch.setenv("HOME", str(tmp_path))
     cache_dir = tmp_path / ".cache" / "torchrefit"
     cache_dir.mkdir(parents=True)
-    orphan = cache_dir / ".abc.trf.x1y2.tmp"
+    orphan = cache_dir / f".{'a' * 64}.trf.x1y2.tmp"
     orphan.write_bytes(b"half a file")
     old = os.path.getmtime(orphan) - 2 * 3600
     os.utime(orphan, (old, old))
-    fresh = cache_dir / ".def.trf.z3.tmp"  # a live writer's: kept
+    fresh = cache_dir / f".{'d' * 64}.trf.z3.tmp"  # just made by a writer: kept
     fresh.write_bytes(b"being written")
     _compile_mlp("~/.cache/torchrefit")
     assert len(_entries(cache_dir)) == 1
     assert not orphan.exists() and fresh.exists()
     assert not (Path.cwd() / "~").exists()
+
+
+def test_eviction_deletes_only_what_the_cache_wrote(tmp_path) -> None:
+    """A cache directory shared with other files (or named by mistake): the cache removes
+    its own entries (named by their key, marked by the cache) and its own orphans only."""
+    import fcntl
+
+    foreign = {
+        "precious.trf": b"a user's module",
+        f"{'b' * 64}.trf": b"named like an entry, not written by the cache",
+        ".precious.trf.abc123.tmp": b"another program's temporary",
+        "notes.tmp": b"notes",
+    }
+    for name, data in foreign.items():
+        (tmp_path / name).write_bytes(data)
+    orphan = tmp_path / f".{'c' * 64}.trf.dead1.tmp"  # a killed cache writer's
+    live = tmp_path / f".{'e' * 64}.trf.live1.tmp"  # a live writer's: it holds its lock
+    for path in (orphan, live, *(tmp_path / n for n in foreign)):
+        path.touch() if path.exists() else path.write_bytes(b"half")
+        os.utime(path, (1, 1))
+    with open(live, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        _compile_mlp(str(tmp_path))
+        case = CASES["conv_bn"]  # a second structure, over the bound of 1 byte: evictions
+        torchrefit.compile(
+            case.build(0), case.inputs(), backend="eager", cache_dir=str(tmp_path),
+            cache_max_bytes=1,
+        )  # fmt: skip
+    assert not [p for p in tmp_path.glob("*.trf") if p.name not in foreign]  # evicted
+    assert {n: (tmp_path / n).read_bytes() for n in foreign} == foreign
+    assert not orphan.exists() and live.exists()
+
+
+def test_a_hit_takes_the_compiling_calls_settings(tmp_path) -> None:
+    """The entry's own runtime settings describe how its writer ran it; the module a hit
+    returns runs as this call asks."""
+    case = CASES["mlp"]
+    torchrefit.compile(case.build(0), case.inputs(), backend="eager", cache_dir=str(tmp_path))
+    hit = torchrefit.compile(
+        case.build(1), case.inputs(), backend="eager", cache_dir=str(tmp_path),
+        double_buffer=True, check_finite=False,
+    )  # fmt: skip
+    assert len(_entries(tmp_path)) == 1
+    assert hit.settings.double_buffer and not hit.settings.check_finite
+    assert hit.settings.cache_dir == str(tmp_path)

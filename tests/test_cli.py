@@ -205,8 +205,8 @@ def test_verify_refuses_an_output_that_computes_otherwise(monkeypatch, saved, tm
         module._torchrefit.store["fc3.bias"].add_(1.0)
         return module
 
-    loads = iter([torchrefit.load, corrupted_load])  # the input file, then the scratch copy
-    monkeypatch.setattr(cli, "load", lambda p: next(loads)(p))
+    loads = iter([torchrefit.load, corrupted_load])  # the input file, then the written copy
+    monkeypatch.setattr(cli.files, "load", lambda p, **bound: next(loads)(p))
     err = io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)
     out = tmp_path / "c.trf"
@@ -214,4 +214,82 @@ def test_verify_refuses_an_output_that_computes_otherwise(monkeypatch, saved, tm
         ["refit", str(path), str(tmp_path / "c.safetensors"), "-o", str(out), "--verify"]
     )
     assert code == 1 and "does not compute what the refitted module does" in err.getvalue()
-    assert not out.exists() and not list(tmp_path.glob(".torchrefit-*"))
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# -- what a newcomer meets: one line per error, --verbose, --version, compile-lm, py.typed -----
+
+
+def test_an_error_is_one_line_with_nothing_before_it(tmp_path) -> None:
+    """torch.export logs the graph of a model it cannot trace: none of it shows, only the
+    error's one line, unless --verbose."""
+    args = ["compile", "cli_factories:branchy", "--input", "2,4", "--set", "backend=eager"]
+    quiet = run(*args, "-o", str(tmp_path / "b.trf"))
+    assert quiet.returncode == 1
+    assert quiet.stderr.count("\n") == 1 and quiet.stderr.startswith("torchrefit: error: ")
+    assert "torch.cond" in quiet.stderr and quiet.stdout == ""
+    verbose = run("--verbose", *args, "-o", str(tmp_path / "b.trf"))
+    lines = verbose.stderr.splitlines()
+    assert verbose.returncode == 1 and len(lines) > 1 and lines[-1] == quiet.stderr.strip()
+    after = run(*args, "-v", "-o", str(tmp_path / "b.trf")).stderr.splitlines()  # either place
+    assert len(after) == len(lines) and after[-1] == lines[-1]
+
+
+def test_a_quoted_message_ending_in_a_period_ends_in_one(tmp_path) -> None:
+    result = run("compile", "cli_factories:raising", "--input", "2,4", "-o", str(tmp_path / "r"))
+    assert result.returncode == 1 and "always fails. Export it yourself" in result.stderr
+    assert ".." not in result.stderr
+
+
+def test_version(capsys) -> None:
+    from torchrefit.cli import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("torchrefit 0.")
+    assert run("--version").stdout.startswith("torchrefit 0.")
+
+
+def test_compile_lm_from_a_factory(tmp_path, capsys) -> None:
+    """The file compile-lm writes generates what compile_lm gives in Python; without weights,
+    it refits from the model's."""
+    import cli_factories
+
+    from torchrefit.cli import main
+
+    out, bare = tmp_path / "lm.trf", tmp_path / "bare.trf"
+    args = ["cli_factories:tiny_lm", "--max-batch-size", "2", "--max-seq-len", "16"]
+    assert main(["compile-lm", *args, "--set", "backend=eager", "-o", str(out)]) == 0
+    assert "max_seq_len 16" in capsys.readouterr().out
+    assert (
+        main(["compile-lm", *args, "--set", "backend=eager", "--no-weights", "-o", str(bare)]) == 0
+    )
+    model = cli_factories.tiny_lm().eval()
+    expected = torchrefit.compile_lm(model, 2, 16, backend="eager")
+    prompt = torch.tensor([[5, 9, 3], [7, 1, 4]])
+    tokens = expected.generate(prompt, max_new_tokens=6)
+    loaded = torchrefit.load(str(out))
+    assert isinstance(loaded, torchrefit.CompiledLM) and loaded.max_seq_len == 16
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=6), tokens)
+    refitted = torchrefit.load(str(bare), weights=model)
+    assert torch.equal(refitted.generate(prompt, max_new_tokens=6), tokens)
+    assert bare.stat().st_size < out.stat().st_size / 2
+    assert main(["compile-lm", *args, "--set", "backend=nope", "-o", str(out)]) == 1
+
+
+def test_the_package_ships_py_typed(tmp_path) -> None:
+    """A wheel built from this checkout holds py.typed (and the cli package)."""
+    import shutil
+    import zipfile
+
+    root = SOURCE.parent
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, tmp_path / name)
+    shutil.copytree(SOURCE, tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    script = "from setuptools import build_meta as b; print(b.build_wheel('dist'))"
+    build = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheel = tmp_path / "dist" / build.stdout.split()[-1]
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "torchrefit/py.typed" in names and "torchrefit/cli/__main__.py" in names

@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 
 import torchrefit
-from torchrefit.cli import inspect_file
+from torchrefit.cli.files import inspect_file
 from torchrefit.graph_io import graph_from_json, graph_to_json
 from torchrefit.quantize import FORMATS, dequantize, reference
 from torchrefit.refit.verify import relative_error

@@ -125,3 +125,30 @@ def test_torch_objects_are_normalized_to_the_strings_files_hold() -> None:
         "aten.addmm.default"
     }
     assert Settings.from_json(json.loads(json.dumps(by_objects.to_json()))) == by_objects
+
+
+@pytest.mark.parametrize(
+    "value", ["x -wrapper /bin/sh", "-fplugin=evil.so", ["native", "-wrapper"], "a\tb"]
+)
+def test_compiler_options_take_one_plain_token(value) -> None:
+    with pytest.raises(torchrefit.SettingsError, match="command line"):
+        torchrefit.Settings(inductor_options={"cpp.march": value})
+    assert torchrefit.Settings(inductor_options={"cpp.march": "x86-64-v3"}).inductor_options
+
+
+def test_a_file_never_turns_a_check_off(tmp_path) -> None:
+    """check_finite=False and a huge staging area saved in a file are the saver's; a loaded
+    module checks and stages with the defaults."""
+    model = torch.nn.Linear(4, 4).eval()
+    compiled = torchrefit.compile(
+        model, (torch.randn(2, 4),), backend="eager", check_finite=False, staging_bytes=1 << 40
+    )
+    path = str(tmp_path / "m.trf")
+    torchrefit.save(compiled, path)
+    loaded = torchrefit.load(path)
+    assert loaded.settings.check_finite is True
+    assert loaded.settings.staging_bytes == torchrefit.Settings().staging_bytes
+    bad = {k: v.clone() for k, v in model.state_dict().items()}
+    bad["weight"][0, 0] = float("nan")
+    with pytest.raises(torchrefit.WeightValueError):
+        torchrefit.refit_module_weights(loaded, bad, in_place=True)

@@ -31,13 +31,14 @@ NAN = float("nan")
 
 
 class Wide(nn.Module):
-    """Weights of 4 MB and more: with the smallest staging area (1 MB) each is split."""
+    """Two linear layers; by default weights of 4 MB and 2 MB: with the smallest staging
+    area (1 MB) each is split."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, sizes: tuple[int, int, int] = (1024, 1024, 512)) -> None:
         super().__init__()
         torch.manual_seed(seed)
-        self.a = nn.Linear(1024, 1024)
-        self.b = nn.Linear(1024, 512)
+        self.a = nn.Linear(sizes[0], sizes[1])
+        self.b = nn.Linear(sizes[1], sizes[2])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.b(torch.relu(self.a(x)))
@@ -261,15 +262,8 @@ def test_check_finite_false_copies_without_looking() -> None:
 # -- the kernel path, run by Triton's interpreter on CPU tensors -------------------------------
 
 
-class Small(nn.Module):
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.a = nn.Linear(64, 48)
-        self.b = nn.Linear(48, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(torch.relu(self.a(x)))
+def Small(seed: int) -> nn.Module:  # noqa: N802 - a model, named as the class above
+    return Wide(seed, (64, 48, 16))
 
 
 def _kernels_on_cpu() -> None:

@@ -23,7 +23,7 @@ from .errors import (
     WeightSyncError,
     WeightValueError,
 )
-from .lm import CompiledLM
+from .lm import CompiledLM, GenerateOutput
 from .module import CompiledModule, Engine, Fallback
 from .mutable import MutableModule
 from .refit import refit_module_weights
@@ -38,6 +38,7 @@ __all__ = [
     "Engine",
     "ExportError",
     "Fallback",
+    "GenerateOutput",
     "ImmutableWeightsError",
     "IncompatibleWeightsError",
     "InputError",

@@ -8,6 +8,12 @@ full directory, a corrupt entry, a directory or FIFO where an entry should be) l
 warning and the compile goes on; a corrupt entry is dropped and rebuilt. The total size
 stays under a bound, evicting the least recently used entries; orphaned temporaries of
 killed writers are removed.
+
+The cache deletes only what it wrote: an entry is named `<64 hex digits>.trf` and carries a
+marker naming its key (the zip archive's comment, read from the file's last bytes), and a
+temporary is `.<entry name>.*.tmp` that no live writer holds a lock on. Any other file in
+the directory (another `.trf`, a temporary of another program) is never touched.
+A hit takes the compiling call's settings: the entry's own describe its engines only.
 """
 
 from __future__ import annotations
@@ -16,21 +22,24 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import stat
-import time
 from typing import Any
 
 import torch
 
+from .fileio import sweep_orphans
 from .module import CompiledModule
 from .refit import refit_module_weights
-from .serialize import load, save
+from .serialize import load, weights_bytes, write
 from .settings import Settings
 
 logger = logging.getLogger("torchrefit")
 
 DEFAULT_MAX_BYTES = 4 << 30
-ORPHAN_SECONDS = 3600  # a temporary this old belongs to no live writer
+ENTRY = re.compile(r"[0-9a-f]{64}\.trf")
+TEMPORARY = re.compile(r"\.[0-9a-f]{64}\.trf\.[A-Za-z0-9_]+\.tmp")
+_END = b"PK\x05\x06"  # the zip end-of-central-directory record, 22 bytes before its comment
 
 
 def cache_key(fingerprint: str, device: torch.device) -> str:
@@ -43,10 +52,13 @@ def cache_key(fingerprint: str, device: torch.device) -> str:
 class EngineCache:
     """The cache entry of one structure on one device."""
 
-    def __init__(self, directory: str, key: str, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(
+        self, directory: str, key: str, max_bytes: int = DEFAULT_MAX_BYTES, settings: Any = None
+    ) -> None:
         self.directory = directory
         self.key = key
         self.max_bytes = max_bytes
+        self.settings: Settings = settings or Settings(cache_dir=directory)
 
     @classmethod
     def open(cls, settings: Settings, fingerprint: str, device: torch.device) -> EngineCache | None:
@@ -60,11 +72,15 @@ class EngineCache:
         except OSError as exc:
             logger.warning("engine cache %s is unusable (%s); compiling without it", directory, exc)
             return None
-        return cls(directory, cache_key(fingerprint, device), settings.cache_max_bytes)
+        return cls(directory, cache_key(fingerprint, device), settings.cache_max_bytes, settings)
 
     @property
     def path(self) -> str:
         return os.path.join(self.directory, f"{self.key}.trf")
+
+    @property
+    def marker(self) -> bytes:
+        return marker(self.key)
 
     def load(self, weights: Any) -> CompiledModule | None:
         """The cached module refitted with `weights`, or None on a miss or a bad entry."""
@@ -79,11 +95,16 @@ class EngineCache:
         if not stat.S_ISREG(mode):  # never open a FIFO, socket, device or directory
             logger.warning("engine cache entry %s is not a regular file; compiling again", path)
             return None
+        if not is_entry(path):
+            logger.warning("engine cache: %s was not written by the cache; compiling again", path)
+            return None
         try:
-            module = refit_module_weights(load(path), weights, in_place=True)
+            module = self._refitted(path, weights)
         except Exception as exc:  # noqa: BLE001 - any broken entry is rebuilt, never fatal
             logger.warning("engine cache entry %s is unusable (%s); compiling again", path, exc)
             _remove(path)
+            return None
+        if module is None:
             return None
         with contextlib.suppress(OSError):  # a read-only cache still serves hits
             os.utime(path)  # recently used
@@ -91,10 +112,20 @@ class EngineCache:
         self._evict()
         return module
 
+    def _refitted(self, path: str, weights: Any) -> CompiledModule | None:
+        """The entry loaded (bounded by the weights it is refitted with), given the compiling
+        call's settings, refitted; None if it holds engines of other settings."""
+        module = load(path, weights_bytes=weights_bytes(weights))
+        if module.settings.engine_key() != self.settings.engine_key():
+            logger.warning("engine cache entry %s holds other engines; compiling again", path)
+            return None
+        module._torchrefit.settings = self.settings
+        return refit_module_weights(module, weights, in_place=True)
+
     def store(self, module: CompiledModule) -> None:
-        """Write the entry (atomically); a failure is a warning."""
+        """Write the entry (atomically), marked as the cache's; a failure is a warning."""
         try:
-            save(module, self.path, include_weights=False)
+            write(module, self.path, include_weights=False, comment=self.marker)
         except Exception as exc:  # noqa: BLE001 - the cache is an optimization
             logger.warning(
                 "engine cache: could not store %s (%s); compiled module unaffected", self.path, exc
@@ -103,25 +134,23 @@ class EngineCache:
         self._evict()
 
     def _evict(self) -> None:
+        """Remove orphaned temporaries of killed writers, then the least recently used
+        entries while the cache is over its bound: only files the cache wrote."""
+        sweep_orphans(self.directory, TEMPORARY)
         try:
             names = os.listdir(self.directory)
         except OSError:
             return
         entries = []
-        now = time.time()
         for name in names:
             path = os.path.join(self.directory, name)
+            if not ENTRY.fullmatch(name):
+                continue
             try:
                 info = os.lstat(path)
             except OSError:
                 continue
-            if (
-                name.startswith(".")
-                and name.endswith(".tmp")
-                and now - info.st_mtime > ORPHAN_SECONDS
-            ):
-                _remove(path)  # a writer killed midway left it
-            elif name.endswith(".trf") and stat.S_ISREG(info.st_mode):
+            if stat.S_ISREG(info.st_mode) and is_entry(path):
                 entries.append((info.st_mtime, info.st_size, path))
         total = sum(size for _, size, _ in entries)
         for _, size, path in sorted(entries):
@@ -130,6 +159,36 @@ class EngineCache:
             _remove(path)
             total -= size
             logger.info("engine cache: evicted %s", path)
+
+
+def marker(key: str) -> bytes:
+    """What an entry of `key` carries as its zip comment: the cache wrote it."""
+    return f"torchrefit engine cache entry {key}".encode()
+
+
+def is_entry(path: str) -> bool:
+    """Whether `path` is a regular file the cache wrote: named `<key>.trf`, ending with the
+    zip record whose comment is the marker of that key (the last bytes of the file)."""
+    name = os.path.basename(path)
+    if not ENTRY.fullmatch(name):
+        return False
+    expected = marker(name.removesuffix(".trf"))
+    tail = len(expected) + 22
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size < tail:
+            return False
+        data = os.pread(fd, tail, info.st_size - tail)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    length = int.from_bytes(data[20:22], "little")
+    return data[:4] == _END and length == len(expected) and data[22:] == expected
 
 
 def _remove(path: str) -> None:

@@ -51,6 +51,7 @@ def compile_lm(
     none on a CPU (where it gains nothing). Each adds to the compile time."""
     _check_limits(max_batch_size, max_seq_len)
     _check_model(model)
+    _check_positions(model, max_seq_len)
     device = _device_of(model)
     sizes = _decode_sizes(decode_batch_sizes, max_batch_size, device)
     if "cuda_graphs" not in overrides and settings is None:
@@ -448,6 +449,27 @@ def _check_model(model: Any) -> None:
             f"{type(model).__name__} mixes attention kinds per layer {sorted(set(types))}; "
             "compile_lm compiles models whose layers all attend alike."
         )
+
+
+def _check_positions(model: torch.nn.Module, max_seq_len: int) -> None:
+    """A model with a learned position table (GPT-2's `wpe`) has no embedding for positions
+    beyond it; rotary models compute theirs and take any length."""
+    config = model.config
+    inputs = model.get_input_embeddings()  # type: ignore[operator]
+    tables = {
+        m.num_embeddings
+        for m in model.modules()
+        if isinstance(m, torch.nn.Embedding) and m is not inputs
+    }
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        limit = getattr(config, name, None)
+        # a table of that many rows (OPT's holds two more: its positions start at 2)
+        if isinstance(limit, int) and tables & {limit, limit + 2} and max_seq_len > limit:
+            raise SettingsError(
+                f"max_seq_len is {max_seq_len}; {type(model).__name__}'s position table holds "
+                f"{limit} positions (config.{name}), and later positions have no embedding. "
+                f"Give a max_seq_len of at most {limit}."
+            )
 
 
 def _sliding_window(model: torch.nn.Module) -> int | None:

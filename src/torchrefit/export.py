@@ -15,6 +15,7 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from .errors import ExportError, SettingsError, UnsupportedGraphError
 from .settings import Settings
+from .tables import parse_dtype as parse_dtype  # a dtype read back by name: a table lookup
 
 logger = logging.getLogger("torchrefit")
 
@@ -57,13 +58,6 @@ class WeightSpec:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise SettingsError(f"Unknown dtype name {name!r}.")
-    return dtype
 
 
 def export_model(

@@ -26,6 +26,8 @@ _SYMBOL = re.compile(r"\b[su]\d+\b")
 
 
 def canonical_symbols(lines: list[str]) -> list[str]:
+    if not _SYMBOL.search("\n".join(lines)):  # a static graph: one scan, nothing to rename
+        return lines
     names = _symbol_names(lines)
     return [_SYMBOL.sub(lambda m: names[m.group(0)], line) for line in lines]
 
@@ -151,9 +153,14 @@ def _arg(arg: Any, index: dict[fx.Node, int]) -> str:
     return repr(arg)
 
 
+_DTYPE_NAMES = {
+    d: str(d).removeprefix("torch.") for d in vars(torch).values() if isinstance(d, torch.dtype)
+}
+
+
 def _meta(val: Any) -> str:
     if isinstance(val, torch.Tensor):
-        return f"{str(val.dtype).removeprefix('torch.')}{list(val.shape)}"
+        return f"{_DTYPE_NAMES[val.dtype]}{list(val.shape)}"
     if isinstance(val, (list, tuple)):
         return "(" + ", ".join(_meta(v) for v in val) + ")"
     return type(val).__name__ if val is not None else "-"

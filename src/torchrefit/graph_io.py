@@ -17,14 +17,20 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .errors import UnsupportedGraphError
+from .errors import SettingsError, UnsupportedGraphError
 from .quantize import OPS as TORCHREFIT_OPS  # registers them: a stored graph may call them
+from .tables import DTYPES, LAYOUTS, MEMORY_FORMATS, parse_device
 
 _SCALARS = (bool, int, float, str, type(None))
 _ENUMS: dict[str, type] = {
     "dtype": torch.dtype,
     "layout": torch.layout,
     "memory_format": torch.memory_format,
+}
+_ENUM_NAMES: dict[str, dict[str, Any]] = {
+    "dtype": DTYPES,
+    "layout": LAYOUTS,
+    "memory_format": MEMORY_FORMATS,
 }
 _OPS = ("placeholder", "output", "call_function", "call_module", "get_attr")
 
@@ -198,15 +204,15 @@ def decode_arg(data: Any, env: dict[str, fx.Node], depth: int = 0) -> Any:
         return items if kind == "list" else tuple(items)
     if kind == "device" and isinstance(value, str):
         try:
-            return torch.device(value)
-        except (RuntimeError, ValueError) as exc:
+            return parse_device(value)
+        except SettingsError as exc:
+            raise UnsupportedGraphError(f"Stored graph names a device: {exc}") from exc
+    if kind in _ENUM_NAMES and isinstance(value, str):
+        if value not in _ENUM_NAMES[kind]:  # a table, never getattr(torch, name): no imports
             raise UnsupportedGraphError(
-                f"Stored graph names an unknown device {value[:80]!r}."
-            ) from exc
-    if kind in _ENUMS and isinstance(value, str) and _NAME.fullmatch(value):
-        result = getattr(torch, value, None)
-        if isinstance(result, _ENUMS[kind]):
-            return result
+                f"Stored graph names a {kind} {value[:80]!r}, no torch {kind}."
+            )
+        return _ENUM_NAMES[kind][value]
     if kind == "slice" and isinstance(value, list) and len(value) == 3:
         return slice(*(decode_arg(v, env, depth + 1) for v in value))
     raise UnsupportedGraphError(

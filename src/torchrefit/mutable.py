@@ -57,6 +57,7 @@ class _Variant:
     compiled: CompiledModule
     seen: dict[str, tuple[int, int, tuple[int, ...]]] = field(default_factory=dict)
     stamps: dict[str, int] = field(default_factory=dict)  # `.data` accesses refitted
+    all_watched: bool = False  # every weight a parameter the watch sees: no value compared
     snapshots: dict[str, torch.Tensor] = field(default_factory=dict)  # weights the store hides
 
     def difference(self, modules: Modules) -> str | None:
@@ -188,29 +189,28 @@ class MutableModule(torch.nn.Module):
         attention_mask: torch.Tensor | None = None,
         max_new_tokens: int | None = None,
         **options: Any,
-    ) -> torch.Tensor:
+    ) -> Any:
         """The wrapped causal LM's `generate`, run by a `CompiledLM` (compile_lm) that is
-        refitted when the weights changed, like a call. Options it does not take (beam
-        search, streamers, ...) run the model's own generate, uncompiled, with a warning."""
+        refitted when the weights changed, like a call; it takes `CompiledLM.generate`'s
+        options. Options it cannot honour (beam search, streamers, a generation_config that
+        asks for them, ...) run the model's own generate, uncompiled, with a warning."""
         model = self.model
-        unknown = sorted(set(options) - _GENERATE_OPTIONS)
+        unknown = CompiledLM.unsupported_options(options)
         if unknown or not hasattr(model, "generation_config"):
             reason = f"options {unknown}" if unknown else "a model without a generation_config"
             return self._generate_uncompiled(
                 reason, input_ids, attention_mask, max_new_tokens, options
             )
-        if max_new_tokens is None:
-            max_new_tokens = _default_new_tokens(model, input_ids.shape[-1])
+        default = _default_new_tokens(model, getattr(input_ids, "shape", (0,))[-1])
+        rows, length, new = CompiledLM.call_size(input_ids, max_new_tokens, options, default)
         with self._lock:
-            try:
-                lm = self._lm_for(input_ids, max_new_tokens)
+            try:  # the cache must hold rows x (length + new): a view of that shape asks for it
+                lm = self._lm_for(input_ids[:1].expand(rows, length), new)
             except TorchRefitError as exc:
                 return self._generate_uncompiled(
                     str(exc), input_ids, attention_mask, max_new_tokens, options
                 )
-        return lm.generate(
-            input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **options
-        )
+        return lm.generate(input_ids, attention_mask=attention_mask, max_new_tokens=new, **options)
 
     def _lm_for(self, input_ids: torch.Tensor, max_new_tokens: int) -> CompiledLM:
         """A CompiledLM whose cache fits the call, up to date with the weights: a refit when
@@ -289,9 +289,12 @@ class MutableModule(torch.nn.Module):
     @classmethod
     def load(cls, path: str, model: torch.nn.Module, **overrides: Any) -> MutableModule:
         """Wrap `model` around a module saved by `save`: no compile for its structure, and
-        the model's current weights are refitted in before the first call runs."""
+        the model's current weights are refitted in before the first call runs. Later
+        compiles take the settings given here (`settings=`, keyword overrides), as
+        `MutableModule(model, ...)` does: the file's settings describe its engines only, and
+        never seed a compile or name a cache directory."""
         compiled = load(path)
-        mutable = cls(model, settings=compiled.settings, **overrides)
+        mutable = cls(model, **overrides)
         lora = lora_trace(model)  # what the file's trace read is unknown: all of the state counts
         reads = whole_state(model).without(lora.handled())
         mutable._variants.append(_Variant(reads, lora, None, compiled))  # seen nothing: refit
@@ -355,6 +358,7 @@ class MutableModule(torch.nn.Module):
         specs = variant.compiled._torchrefit.specs
         named = self.model.named_parameters(remove_duplicate=False)
         self._watch.watch((n, p) for n, p in named if n in specs)
+        variant.all_watched = self._watch.covers_all(specs, self.model)
 
     def _sync(self, variant: _Variant, modules: Modules) -> bool:
         """Refit what changed; False when only a recompile can follow the change."""
@@ -364,7 +368,9 @@ class MutableModule(torch.nn.Module):
     def _sync_locked(self, variant: _Variant, modules: Modules) -> bool:
         state = variant.compiled._torchrefit
         seen, shared = self._identities()  # taken before any value is read: a write that
-        current = self._weights(variant, modules)  # lands during the refit counts next call
+        if self._unchanged(variant, seen, shared):  # lands during the refit counts next call
+            return True
+        current = self._weights(variant, modules)
         named: dict[str, Source] = {
             k: t for k, t in current.items() if k in state.specs or k in state.aliases
         }
@@ -385,6 +391,26 @@ class MutableModule(torch.nn.Module):
             variant.snapshots.update(snapshots)
             self._watch_weights(variant)
         variant.seen, variant.stamps = seen, stamps
+        return True
+
+    def _unchanged(
+        self,
+        variant: _Variant,
+        seen: dict[str, tuple[int, int, tuple[int, ...]]],
+        shared: set[str],
+    ) -> bool:
+        """Whether nothing can have changed, known without reading a value: the same weights
+        with the same storage and versions, no `.data` access, no LoRA layer (their views
+        are computed), and nothing compared by value (every weight watched)."""
+        if seen != variant.seen or variant.lora.merged or shared:
+            return False
+        if self._watch is not None:
+            if self._watch.accessed(variant.stamps)[0]:
+                return False
+            if self._check_values and not variant.all_watched:
+                return False
+        elif self._check_values:
+            return False
         return True
 
     def _changed(
@@ -473,11 +499,6 @@ class MutableModule(torch.nn.Module):
             if not shown:
                 snapshots[fqn] = tensor.detach().clone()
         return snapshots
-
-
-_GENERATE_OPTIONS = frozenset(
-    {"do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id", "generator"}
-)
 
 
 def _default_new_tokens(model: torch.nn.Module, prompt: int) -> int:

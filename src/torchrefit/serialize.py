@@ -8,56 +8,75 @@ metadata, and a mismatch refuses to load.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
-import math
 import os
-import re
-import sys
 import zipfile
 import zlib
-from collections.abc import Collection
+from collections.abc import Mapping
 from typing import Any, BinaryIO
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
+from torch.export import ExportedProgram
 
-from .calls import CallSignature
+from .archive import CHECKSUMS, Archive
 from .engine import get_backend
 from .errors import SerializationError
-from .export import WeightSpec, dtype_name, parse_dtype
+from .export import source_tensors
+from .filecheck import (
+    call_arity,
+    check_claim,
+    check_devices,
+    check_graph,
+    check_state,
+    check_variants,
+    store_bytes,
+)
 from .fileio import atomic_write
 from .graph_io import check_name, graph_from_json, graph_to_json
 from .lm import CompiledLM
-from .lower.context import Lineage
 from .module import (
     CompiledModule,
     Engine,
     Fallback,
-    InputGuard,
-    LMInfo,
     RefitState,
     Signature,
     Variant,
     dtype_named,
     make_fallback,
 )
-from .settings import BACKENDS, Settings
-from .weights import WeightProgram, WeightStore
+from .refit.read import checkpoint
+from .settings import BACKENDS
+from .state_json import check_store_specs, state_from_json, state_to_json
 
 FORMAT = "torchrefit"
 VERSION = 1
-# member -> SHA-256: detects corruption (a hash inside the file cannot detect tampering)
-CHECKSUMS = "checksums.json"
+# What a file may claim beyond the bytes it holds (placeholders of stripped weights, a KV
+# cache) unless the caller sets the bound: the file's own size, plus this, plus WIDENING
+# times the bytes of the weights it is loaded with (an engine dtype up to 4 times wider).
+DEFAULT_CLAIM_BYTES = 1 << 30
+WIDENING = 4
 
 
 def save(module: CompiledModule, path: str, include_weights: bool = True) -> None:
     """Write `module` to one file. `include_weights=False` leaves out every constant that
     comes from a checkpoint weight (a small file: ship engines once, weights separately);
     `load(path, weights=...)` then refits from a state_dict or safetensors file."""
+    write(module, path, include_weights)
+
+
+def write(
+    module: CompiledModule,
+    path: str,
+    include_weights: bool = True,
+    *,
+    comment: bytes = b"",
+    check: Any = None,
+) -> None:
+    """`save`, with the zip archive's `comment` (the engine cache marks its entries so) and a
+    `check(tmp)` that may read the written file before it replaces `path` (refit --verify)."""
     state = module._torchrefit
     stripped = stripped_keys(state) if include_weights is False else set()
     if state.unset and not stripped >= state.unset:
@@ -73,7 +92,7 @@ def save(module: CompiledModule, path: str, include_weights: bool = True) -> Non
         "torch_version": torch.__version__,
         "graph": graph_to_json(module.graph),
         "children": children,
-        "state": _state_to_json(state),
+        "state": state_to_json(state),
         "stripped": sorted(stripped),
         "scratch": sorted(scratch),
     }
@@ -92,13 +111,14 @@ def save(module: CompiledModule, path: str, include_weights: bool = True) -> Non
     members.update({f"engines/{name}.bin": data for name, data in artifacts.items()})
     sums = {name: hashlib.sha256(data).hexdigest() for name, data in members.items()}
 
-    def write(f: BinaryIO) -> None:
+    def fill(f: BinaryIO) -> None:
         with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as archive:
             for name, data in members.items():
                 archive.writestr(name, data)
             archive.writestr(CHECKSUMS, json.dumps(sums, indent=1))
+            archive.comment = comment
 
-    atomic_write(path, write)  # a kill or a full disk leaves the old file whole
+    atomic_write(path, fill, check)  # a kill or a full disk leaves the old file whole
 
 
 def stripped_keys(state: RefitState) -> set[str]:
@@ -128,14 +148,18 @@ MALFORMED = (
     zlib.error,
 )
 MAX_METADATA_BYTES = 256 << 20
-DERIVED_GROWTH = 64  # a derived constant holds at most this many times its sources' elements
 
 
-def load(path: str) -> CompiledModule:
+def load(path: str, *, max_bytes: int | None = None, weights_bytes: int = 0) -> CompiledModule:
     """Read a file written by `save`. A module saved without weights refuses to run until a
-    refit supplies them (`torchrefit.load(path, weights=...)` does both)."""
+    refit supplies them (`torchrefit.load(path, weights=...)` does both).
+
+    `max_bytes` bounds the memory the file may claim beyond the bytes it holds (placeholders
+    of stripped weights, a decoder's KV cache), checked before anything is allocated;
+    default: the file's size, plus 1 GiB, plus 4 times `weights_bytes` (the size of the
+    weights it will be refitted with)."""
     try:
-        return _load(path)
+        return _load(path, max_bytes, weights_bytes)
     except SerializationError:
         raise
     except MALFORMED as exc:
@@ -145,23 +169,31 @@ def load(path: str) -> CompiledModule:
         ) from exc
 
 
-def _load(path: str) -> CompiledModule:
+def _load(path: str, max_bytes: int | None, weights_bytes: int) -> CompiledModule:
     archive, metadata = open_file(path)
     with archive:
-        stripped = set(metadata.get("stripped", []))
-        weights = (
-            {} if _all_stripped(metadata, stripped) else _read_weights(archive, path, metadata)
-        )
-        scratch = set(metadata.get("scratch", []))
-        state = _state_from_json(metadata["state"], weights, stripped, scratch)
+        data = metadata["state"]
+        stripped, scratch = _names(metadata, "stripped"), _names(metadata, "scratch")
+        check_state(data, path)
+        check_devices(data, path)
+        check_store_specs(data, path)
+        limit = max_bytes
+        if limit is None:
+            limit = archive.size + DEFAULT_CLAIM_BYTES + WIDENING * weights_bytes
+        claimed = sum(store_bytes(data["store"][k], path) for k in (stripped | scratch))
+        check_claim(claimed, limit, path, "placeholders of stripped weights and state")
+        weights = {} if set(data["store"]) <= stripped else _read_weights(archive, path)
+        state = state_from_json(data, weights, stripped, scratch)
+        graph = graph_from_json(metadata["graph"])
+        check_graph(graph, data, state.out_spec.num_leaves, path)
         root = torch.nn.Module()
         for attr in state.output_constants:
             root.register_buffer(check_name(attr, "attribute"), torch.empty(0), persistent=False)
+        _check_children(metadata["children"], archive, path)
+        arity = call_arity(graph)
         for child in metadata["children"]:
-            root.add_module(
-                check_name(child["name"], "child"), _child_from_json(child, archive, state, path)
-            )
-        graph = graph_from_json(metadata["graph"])
+            module = _child_from_json(child, archive, state, arity, path)
+            root.add_module(check_name(child["name"], "child"), module)
     _check_references(graph, root, path)
     compiled = (CompiledLM if state.lm is not None else CompiledModule)(root, graph)
     compiled._torchrefit = state
@@ -169,8 +201,52 @@ def _load(path: str) -> CompiledModule:
     return compiled
 
 
-def _all_stripped(metadata: dict[str, Any], stripped: set[str]) -> bool:
-    return set(metadata["state"]["store"]) <= stripped
+def weights_bytes(weights: Any) -> int:
+    """The bytes a weights source holds (anything `refit_module_weights` takes): what a
+    stripped file loaded with it may claim. A path's checkpoint header is read (and checked)
+    for its tensors' sizes."""
+    if isinstance(weights, (str, os.PathLike)):
+        header = checkpoint(os.fspath(weights))
+        return sum(t.end - t.begin for t in header.tensors.values())
+    if isinstance(weights, ExportedProgram):
+        tensors: Any = source_tensors(weights).values()
+    elif isinstance(weights, torch.nn.Module):
+        tensors = [*weights.parameters(), *weights.buffers()]
+    elif isinstance(weights, Mapping):
+        tensors = weights.values()
+    else:
+        return 0
+    unique = {id(t): t for t in tensors if isinstance(t, torch.Tensor)}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def _names(metadata: dict[str, Any], key: str) -> set[str]:
+    names = metadata.get(key, [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise SerializationError(f"The file's {key!r} list is malformed.")
+    return set(names)
+
+
+def _check_children(children: list[Any], archive: Archive, path: str) -> None:
+    """Each child once, and every member of the file is one that the metadata uses: nothing
+    is read twice, nothing unchecked rides along."""
+    names = [c["name"] for c in children]
+    if len(set(names)) != len(names):
+        raise SerializationError(f"{path!r}: its children repeat a name; the file was changed.")
+    used = {"metadata.json", "weights.safetensors"}
+    for child in children:
+        if child["kind"] == "engine":
+            used.add(f"engines/{child['name']}.bin")
+            used |= {
+                f"engines/{child['name']}.variant{i}.bin"
+                for i in range(len(child.get("variants", [])))
+            }
+    extra = sorted(archive.names() - used)
+    if extra:
+        raise SerializationError(
+            f"{path!r} holds members {extra[:3]} that its metadata does not use; the file was "
+            "changed or corrupted."
+        )
 
 
 def _check_references(graph: fx.Graph, root: torch.nn.Module, path: str) -> None:
@@ -189,112 +265,15 @@ def _check_references(graph: fx.Graph, root: torch.nn.Module, path: str) -> None
             )
 
 
-def _member(archive: zipfile.ZipFile, name: str, path: str, limit: int | None = None) -> bytes:
-    """One member's bytes, stored uncompressed (save never compresses): what is read is
-    what the file holds, so a small file cannot expand into a large allocation."""
-    info = archive.getinfo(name)
-    if info.compress_type != zipfile.ZIP_STORED or info.file_size > os.path.getsize(path):
-        raise SerializationError(
-            f"{path!r}: member {name!r} is compressed or larger than the file."
-        )
-    if limit is not None and info.file_size > limit:
-        raise SerializationError(
-            f"{path!r}: member {name!r} is {info.file_size} bytes, over {limit}."
-        )
-    data = archive.read(info)
-    expected = _checksums(archive, path).get(name)
-    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-        raise SerializationError(
-            f"{path!r}: {name!r} does not match its SHA-256; the file was changed or corrupted. "
-            "Save the module again."
-        )
-    return data
-
-
-def _checksums(archive: zipfile.ZipFile, path: str) -> dict[str, str]:
-    """SHA-256 of each member, written by save (they detect corruption, not tampering)."""
-    if CHECKSUMS not in archive.namelist():
-        return {}
-    info = archive.getinfo(CHECKSUMS)
-    if info.compress_type != zipfile.ZIP_STORED or info.file_size > 1 << 20:
-        raise SerializationError(f"{path!r}: {CHECKSUMS!r} is malformed.")
-    sums = json.loads(archive.read(info))
-    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
-        raise SerializationError(f"{path!r}: {CHECKSUMS!r} is malformed.")
-    return sums
-
-
-def _read_weights(
-    archive: zipfile.ZipFile, path: str, metadata: dict[str, Any]
-) -> dict[str, torch.Tensor]:
-    data = _member(archive, "weights.safetensors", path)
+def _read_weights(archive: Archive, path: str) -> dict[str, torch.Tensor]:
+    data = archive.read("weights.safetensors")
     try:
         return load_tensors(data)
     except Exception as exc:  # noqa: BLE001 - the safetensors parser's own errors
         raise SerializationError(
-            f"{path!r} holds no readable weights.safetensors ({exc}). Save the module again."
+            f"{path!r} holds no readable weights.safetensors ({str(exc)[:200]}). Save the "
+            "module again."
         ) from exc
-
-
-def _placeholder(spec: dict[str, Any]) -> torch.Tensor:
-    """Room for a stripped weight, not written: the module refuses to run until a refit
-    fills it, and untouched host memory costs no physical pages."""
-    return torch.empty(
-        _shape(spec), dtype=parse_dtype(spec["dtype"]), device=torch.device(spec["device"])
-    )
-
-
-def _zeros(spec: dict[str, Any]) -> torch.Tensor:
-    """A KV cache as a fresh CompiledLM holds it: its contents never outlive a call."""
-    return torch.zeros(
-        _shape(spec), dtype=parse_dtype(spec["dtype"]), device=torch.device(spec["device"])
-    )
-
-
-def _shape(spec: dict[str, Any]) -> list[int]:
-    shape = spec["shape"]
-    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 1 << 40 for d in shape):
-        raise SerializationError(f"A stored shape {str(shape)[:80]} is not a list of sizes.")
-    return shape
-
-
-def _checked_tensor(
-    key: str, spec: dict[str, Any], tensors: dict[str, torch.Tensor]
-) -> torch.Tensor:
-    tensor = tensors.get(key)
-    if tensor is None:
-        raise SerializationError(f"weights.safetensors lacks engine constant {key!r}.")
-    if list(tensor.shape) != spec["shape"] or dtype_name(tensor.dtype) != spec["dtype"]:
-        raise SerializationError(
-            f"Engine constant {key!r} is stored as {tensor.dtype}{list(tensor.shape)}; the "
-            f"metadata records {spec['dtype']}{spec['shape']}. The file was changed or "
-            "corrupted; save the module again."
-        )
-    return tensor.to(torch.device(spec["device"]))
-
-
-def _check_store_specs(
-    data: dict[str, Any], specs: dict[str, WeightSpec], lineage: dict[str, Lineage]
-) -> None:
-    """Recorded constant shapes agree with the weights they come from, before anything is
-    allocated: an edited shape cannot make a small file allocate terabytes."""
-    for key, spec in data["store"].items():
-        shape = _shape(spec)
-        origin = lineage[key]
-        sources = [specs[s] for s in origin.sources]
-        if origin.kind in ("identity", "cast", "state"):
-            if [list(s.shape) for s in sources] != [shape]:
-                raise SerializationError(
-                    f"Engine constant {key!r} is recorded as {shape}; its weight is "
-                    f"{[list(s.shape) for s in sources]}. The file was changed or corrupted."
-                )
-        elif math.prod(shape) > DERIVED_GROWTH * sum(math.prod(s.shape) for s in sources) + (
-            1 << 20
-        ):
-            raise SerializationError(
-                f"Derived constant {key!r} is recorded as {shape}, far larger than its sources "
-                f"{[s.fqn for s in sources]}. The file was changed or corrupted."
-            )
 
 
 def _children_to_json(module: CompiledModule) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
@@ -340,7 +319,11 @@ def _children_to_json(module: CompiledModule) -> tuple[list[dict[str, Any]], dic
 
 
 def _child_from_json(
-    data: dict[str, Any], archive: zipfile.ZipFile, state: RefitState, path: str
+    data: dict[str, Any],
+    archive: Archive,
+    state: RefitState,
+    arity: dict[str, set[int]],
+    path: str,
 ) -> torch.nn.Module:
     keys = list(data["constant_keys"])
     unknown = [k for k in keys if not isinstance(k, str) or k not in state.store.tensors]
@@ -360,10 +343,13 @@ def _child_from_json(
         return make_fallback(graph, keys)
     if data["kind"] != "engine" or data["backend"] not in BACKENDS:
         raise SerializationError(f"{path!r}: child {data['name']!r} is of unknown kind or backend.")
-    backend = get_backend(data["backend"], dict(state.settings.inductor_options))
+    # a file's settings describe its engines; loading an artifact compiles nothing, so the
+    # file's inductor_options are never handed to a backend
+    backend = get_backend(data["backend"])
     name = data["name"]
     # every signature and checksum checked before any artifact is loaded
     signatures = [_signature_from_json(v["signature"], path) for v in data.get("variants", [])]
+    check_variants(arity.get(name, set()), name, signatures, path)
     artifact = _artifact(archive, name, data["sha256"], path)
     codes = [
         _artifact(archive, f"{name}.variant{i}", v["sha256"], path)
@@ -376,14 +362,16 @@ def _child_from_json(
     return Engine(data["backend"], runner, keys, bool(data["single_output"]), artifact, variants)
 
 
-def _artifact(archive: zipfile.ZipFile, name: str, sha256: Any, path: str) -> bytes:
-    """An engine's (or variant's) code, checked against the SHA-256 its metadata records."""
-    artifact = _member(archive, f"engines/{name}.bin", path)
-    digest = hashlib.sha256(artifact).hexdigest()
+def _artifact(archive: Archive, name: str, sha256: Any, path: str) -> bytes:
+    """An engine's (or variant's) code, checked against the SHA-256 its metadata records
+    (the member's hash, computed once as it was read)."""
+    member = f"engines/{name}.bin"
+    artifact = archive.read(member)
+    digest = archive.digests[member]
     if digest != sha256:
         raise SerializationError(
             f"Engine {name!r} in {path!r} has SHA-256 {digest}, but the metadata records "
-            f"{sha256}. The file was changed or corrupted; engine artifacts are code, "
+            f"{str(sha256)[:80]}. The file was changed or corrupted; engine artifacts are code, "
             "so torchrefit refuses to load it. Save the module again from its source."
         )
     return artifact
@@ -398,153 +386,55 @@ def _signature_to_json(key: Signature) -> list[Any]:
 
 def _signature_from_json(data: Any, path: str) -> Signature:
     """A variant's activation signature: (dtype, shape, strides) per tensor, or a value."""
+    if not isinstance(data, list):
+        raise SerializationError(f"{path!r}: a variant signature is not a list.")
     key: list[Any] = []
     for entry in data:
+        if not isinstance(entry, list) or not entry:
+            raise SerializationError(f"{path!r}: a variant signature entry is malformed.")
         if entry[0] == "value":
-            if not isinstance(entry[1], (int, float, bool, str, type(None))):
-                raise SerializationError(f"{path!r}: a variant signature holds {entry[1]!r}.")
+            if len(entry) != 2 or not isinstance(entry[1], (int, float, bool, str, type(None))):
+                raise SerializationError(f"{path!r}: a variant signature holds {entry[1:2]!r}.")
             key.append(("value", entry[1]))
             continue
         dtype = dtype_named(entry[0])
         shape, strides = entry[1], entry[2]
-        ints = all(isinstance(n, int) and not isinstance(n, bool) for n in [*shape, *strides])
-        if not ints or len(shape) != len(strides):
-            raise SerializationError(f"{path!r}: a variant signature entry {entry!r} is malformed.")
+        ints = all(type(n) is int and 0 <= n < 1 << 40 for n in [*shape, *strides])
+        if len(entry) != 3 or not ints or len(shape) != len(strides):
+            raise SerializationError(
+                f"{path!r}: a variant signature entry {str(entry)[:120]} is malformed."
+            )
         key.append((dtype, tuple(shape), tuple(strides)))
     return tuple(key)
 
 
-def open_file(path: str) -> tuple[zipfile.ZipFile, dict[str, Any]]:
-    """The archive and its checked metadata (JSON: nothing runs)."""
+def open_file(path: str) -> tuple[Archive, dict[str, Any]]:
+    """The archive (its members listed and checked, none read yet) and its checked metadata
+    (JSON: nothing runs)."""
     try:
-        archive = zipfile.ZipFile(path)
+        archive = Archive(path)
+    except SerializationError:
+        raise
     except MALFORMED as exc:
-        raise SerializationError(f"{path!r} is not a torchrefit file ({exc}).") from exc
+        raise SerializationError(f"{path!r} is not a torchrefit file ({str(exc)[:200]}).") from exc
     try:
         return archive, _read_metadata(archive, path)
     except BaseException as exc:
         archive.close()
-        if isinstance(exc, MALFORMED):
-            raise SerializationError(f"{path!r} has no readable metadata.json ({exc}).") from exc
+        if isinstance(exc, MALFORMED) and not isinstance(exc, SerializationError):
+            raise SerializationError(
+                f"{path!r} has no readable metadata.json ({str(exc)[:200]})."
+            ) from exc
         raise
 
 
-def _read_metadata(archive: zipfile.ZipFile, path: str) -> dict[str, Any]:
-    metadata = json.loads(_member(archive, "metadata.json", path, MAX_METADATA_BYTES))
+def _read_metadata(archive: Archive, path: str) -> dict[str, Any]:
+    metadata = json.loads(archive.read("metadata.json", MAX_METADATA_BYTES))
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise SerializationError(f"{path!r} is not a torchrefit file.")
     if metadata.get("version") != VERSION:
         raise SerializationError(
-            f"{path!r} is format version {metadata.get('version')}; this torchrefit reads "
-            f"version {VERSION}. Save it again with this version."
+            f"{path!r} is format version {str(metadata.get('version'))[:20]}; this torchrefit "
+            f"reads version {VERSION}. Save it again with this version."
         )
     return metadata
-
-
-def _state_to_json(state: RefitState) -> dict[str, Any]:
-    return {
-        "settings": state.settings.to_json(),
-        "fingerprint": state.fingerprint,
-        "structure": state.structure,
-        "lowered_structure": state.lowered_structure,
-        "specs": [s.to_json() for s in state.specs.values()],
-        "aliases": state.aliases,
-        "engine_dtypes": {k: dtype_name(v) for k, v in state.engine_dtypes.items()},
-        "weight_program": state.weight_program.to_json(),
-        "lineage": {k: v.to_json() for k, v in state.lineage.items()},
-        "store": {
-            k: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "device": str(t.device)}
-            for k, t in state.store.tensors.items()
-        },
-        "in_spec": pytree.treespec_dumps(state.in_spec),
-        "out_spec": pytree.treespec_dumps(state.out_spec),
-        "guards": [g.to_json() for g in state.guards],
-        "lowered_order": state.lowered_order,
-        "cast_inputs_to": None
-        if state.cast_inputs_to is None
-        else dtype_name(state.cast_inputs_to),
-        "output_constants": state.output_constants,
-        "inf_allowed": sorted(state.inf_allowed),
-        "mutations": [list(m) for m in state.mutations],
-        "signature": None if state.signature is None else state.signature.to_json(),
-        "lm": None if state.lm is None else state.lm.to_json(),
-    }
-
-
-def _state_from_json(
-    data: dict[str, Any],
-    tensors: dict[str, torch.Tensor],
-    stripped: set[str],
-    scratch: Collection[str] = (),
-) -> RefitState:
-    specs = {s["fqn"]: WeightSpec.from_json(s) for s in data["specs"]}
-    lineage = {k: Lineage.from_json(v) for k, v in data["lineage"].items()}
-    cache = set((data.get("lm") or {}).get("cache_keys", []))
-    for key in scratch:
-        if key not in cache or key not in lineage or lineage[key].kind != "state":
-            raise SerializationError(
-                f"The file leaves out {key!r} as a KV cache, but it is not one of the model's "
-                "cache buffers. The file was changed or corrupted; save the module again."
-            )
-    _check_store_specs(data, specs, lineage)
-    store = WeightStore(
-        {
-            k: _placeholder(spec)
-            if k in stripped
-            else _zeros(spec)
-            if k in scratch
-            else _checked_tensor(k, spec, tensors)
-            for k, spec in data["store"].items()
-        }
-    )
-    cast = data["cast_inputs_to"]
-    return RefitState(
-        settings=Settings.from_json(data["settings"]),
-        fingerprint=data["fingerprint"],
-        structure=list(data["structure"]),
-        lowered_structure=data["lowered_structure"],
-        specs=specs,
-        aliases=dict(data["aliases"]),
-        engine_dtypes={k: parse_dtype(v) for k, v in data["engine_dtypes"].items()},
-        weight_program=WeightProgram.from_json(data["weight_program"]),
-        lineage=lineage,
-        store=store,
-        in_spec=_treespec(data["in_spec"]),
-        out_spec=_treespec(data["out_spec"]),
-        guards=[InputGuard.from_json(g) for g in data["guards"]],
-        lowered_order=list(data["lowered_order"]),
-        cast_inputs_to=None if cast is None else parse_dtype(cast),
-        unset=set(stripped) & set(store.tensors),
-        output_constants=dict(data.get("output_constants", {})),
-        inf_allowed=set(data.get("inf_allowed", [])),
-        mutations=[(str(k), str(t)) for k, t in data.get("mutations", [])],
-        signature=None
-        if data.get("signature") is None
-        else CallSignature.from_json(data["signature"]),
-        lm=None if data.get("lm") is None else LMInfo.from_json(data["lm"]),
-    )
-
-
-# Output types (e.g. transformers' ModelOutput classes) are registered with pytree when
-# their module is imported. Only modules of these packages are imported on load.
-OUTPUT_TYPE_PACKAGES = ("transformers", "diffusers")
-
-
-def _import_output_types(text: str) -> None:
-    found = re.findall(r'"type": "([A-Za-z_][A-Za-z0-9_.]*)"', text)
-    for name in found:
-        module = name.rpartition(".")[0]
-        if module.split(".")[0] in OUTPUT_TYPE_PACKAGES and module not in sys.modules:
-            importlib.import_module(module)
-
-
-def _treespec(text: str) -> pytree.TreeSpec:
-    try:
-        _import_output_types(text)
-        return pytree.treespec_loads(text)
-    except Exception as exc:
-        raise SerializationError(
-            f"The saved output structure names a type that is not registered ({exc}). Import "
-            "the library that defines the model's outputs (e.g. transformers) before "
-            "torchrefit.load."
-        ) from exc

@@ -226,7 +226,28 @@ def _options(options: Any) -> tuple[tuple[str, Any], ...]:
                 f"Settings.inductor_options[{name!r}] is {value!r}; expected a JSON value "
                 "(a bool, number, string, list or dict), which the fingerprint records."
             ) from exc
+    for name, value in pairs.items():
+        _refuse_command_line(name, value)
     return tuple(sorted((k, _frozen(v)) for k, v in pairs.items()))
+
+
+# Inductor options whose string values reach a compiler's command line
+_COMPILER_OPTIONS = ("cpp.", "cuda.", "triton.", "rocm.", "aot_inductor.")
+
+
+def _refuse_command_line(name: str, value: Any) -> None:
+    """A compiler option's value is one plain token: with spaces or a leading "-" it would
+    add arguments to the compiler's command line (gcc's `-wrapper` runs any program)."""
+    if not name.startswith(_COMPILER_OPTIONS):
+        return
+    strings = value if isinstance(value, (list, tuple)) else [value]
+    for text in strings:
+        if isinstance(text, str) and (text.startswith("-") or any(c.isspace() for c in text)):
+            raise SettingsError(
+                f"Settings.inductor_options[{name!r}] is {value!r}; a value with spaces or a "
+                "leading '-' would add arguments to a compiler's command line. Give one plain "
+                "token (e.g. 'native')."
+            )
 
 
 def _frozen(value: Any) -> Any:

@@ -61,6 +61,12 @@ class Watch:
         entry = self.watched.get(id(tensor))
         return entry is not None and entry[0] is tensor and type(tensor) is _Watched
 
+    def covers_all(self, names: Any, model: torch.nn.Module) -> bool:
+        """Whether every weight among `names` is a parameter of `model` this watch sees (no
+        buffer or constant that only a comparison of values could follow)."""
+        params = dict(model.named_parameters(remove_duplicate=False))
+        return all(n in params and self.covers(params[n]) for n in names)
+
     def accessed(self, seen: dict[str, int]) -> tuple[set[str], dict[str, int]]:
         """Names accessed through `.data` since the stamps in `seen`, and names whose
         aliases are still alive; with the stamps to record once they are refitted."""

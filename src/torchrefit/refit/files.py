@@ -20,12 +20,13 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from io import BufferedReader
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import IncompatibleWeightsError, TorchRefitError
+from ..fileio import open_regular
 
 CHUNK_BYTES = 32 << 20
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers
@@ -106,6 +107,8 @@ def read_header(path: str) -> Header:
             for name, e in header.items()
             if name != "__metadata__"
         }
+    except RecursionError as exc:
+        raise unreadable(path, ValueError("its header nests JSON too deep to parse")) from exc
     except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
         raise unreadable(path, exc) from exc
     _library_check(path, set(entries))
@@ -117,8 +120,9 @@ def read_header(path: str) -> Header:
 
 def _raw_header(path: str) -> tuple[int, int, dict[str, Any]]:
     """(file size, where the data begins, the header as JSON), its length bounded before it
-    is read."""
-    with open(path, "rb") as f:
+    is read: a regular file only (a FIFO or /dev/zero is refused, never read), and JSON
+    nested too deep for the parser is refused (RecursionError)."""
+    with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
         if size < 8:
             raise ValueError("it is shorter than the 8 bytes that give its header's length")
@@ -142,7 +146,7 @@ def _entry(path: str, name: str, entry: Any, start: int, size: int) -> FileTenso
             f"tensor {name!r} is described by {type(entry).__name__}, not a JSON object"
         )
     code = entry["dtype"]
-    if code not in _FORMAT_DTYPES:
+    if not isinstance(code, str) or code not in _FORMAT_DTYPES:
         raise ValueError(
             f"tensor {name!r} has dtype {code!r}, which the safetensors format does not define"
         )
@@ -176,7 +180,8 @@ def _library_check(path: str, names: set[str]) -> None:
         with safe_open(path, framework="pt") as f:
             known = set(f.keys())
     except (SafetensorError, OSError, ValueError) as exc:
-        raise unreadable(path, ValueError(f"the safetensors library refuses it: {exc}")) from exc
+        text = str(exc)[:300]
+        raise unreadable(path, ValueError(f"the safetensors library refuses it: {text}")) from exc
     if known != names:
         raise unreadable(
             path, ValueError("the safetensors library reads other tensor names from it")
@@ -185,16 +190,25 @@ def _library_check(path: str, names: set[str]) -> None:
 
 def unreadable(path: str, exc: BaseException) -> IncompatibleWeightsError:
     return IncompatibleWeightsError(
-        f"{path!r} is not a readable safetensors file ({exc}). torchrefit reads weights "
+        f"{path!r} is not a readable safetensors file ({str(exc)[:300]}). torchrefit reads weights "
         "from safetensors only, never from pickles; convert with safetensors.torch.save_file."
     )
+
+
+def open_weights(path: str) -> BufferedReader:
+    """A weights file opened again to read its bytes: a regular file still (a path swapped
+    for a FIFO since its header was read would block forever), else a typed error."""
+    try:
+        return cast(BufferedReader, open_regular(path))  # os.fdopen(fd, "rb") is one
+    except (OSError, ValueError) as exc:
+        raise unreadable(path, exc) from exc
 
 
 def read_tensor(t: FileTensor) -> torch.Tensor:
     """One tensor, read whole into host memory."""
     out = torch.empty(t.end - t.begin, dtype=torch.uint8)
     try:
-        with open(t.path, "rb") as f:
+        with open_weights(t.path) as f:
             f.seek(t.begin)
             if f.readinto(out.numpy().data) != out.numel():
                 raise ValueError("the file ends early")
@@ -227,7 +241,7 @@ def peak_magnitude(t: FileTensor, scratch: torch.Tensor) -> float:
     """The largest |value| of a floating tensor in the file (NaN if it holds one), read in
     chunks: a reading pass, no write."""
     peak = 0.0
-    with open(t.path, "rb") as f:
+    with open_weights(t.path) as f:
         for _, chunk in chunks_of(f, t, lambda: scratch):
             largest = _largest(chunk)
             if largest != largest:  # NaN

@@ -160,7 +160,7 @@ def by_fqn(
     """Resolve tied aliases, then check presence, extras, shapes and dtypes. `quantized`:
     weights given as quantized weights and scales, bound directly (never missing)."""
     given = _untie(new.tensors, state.aliases) if state.aliases else new.tensors
-    rows, uncastable = _rows(state)
+    rows, uncastable, targets = _rows(state)
     tensors: dict[str, Source] = {}
     absent: list[str] = []
     for fqn, target, shape, dtype in rows:  # the common case: names, shapes, dtypes as compiled
@@ -171,7 +171,7 @@ def by_fqn(
         if value.shape != shape or value.dtype is not dtype:
             check_spec(fqn, value, state.specs[fqn], given, state)  # raises, naming it
         tensors[fqn] = value
-    if len(given) != len(tensors) or (absent and not new.partial):
+    if (absent and not new.partial) or given.keys() - targets:
         explain_names(new, state, given, quantized)
     for fqn in uncastable & tensors.keys():
         value = tensors[fqn]
@@ -179,10 +179,12 @@ def by_fqn(
     return tensors
 
 
-def _rows(state: RefitState) -> tuple[list[tuple[str, str, torch.Size, Any]], set[str]]:
+def _rows(
+    state: RefitState,
+) -> tuple[list[tuple[str, str, torch.Size, Any]], set[str], frozenset[str]]:
     """Per weight of the compiled program: its FQN, the name it is given under (tied
-    weights: the canonical one), its shape and dtype; and the weights whose dtype torch
-    cannot cast into the engine's. Made once per module."""
+    weights: the canonical one), its shape and dtype; the weights whose dtype torch cannot
+    cast into the engine's; and every name a weight is given under. Made once per module."""
     cached = state.__dict__.get("_match_rows")
     if cached is None:
         rows = [
@@ -197,7 +199,8 @@ def _rows(state: RefitState) -> tuple[list[tuple[str, str, torch.Size, Any]], se
                 _DTYPES[spec.dtype], state.engine_dtypes.get(fqn, _DTYPES[spec.dtype])
             )
         }
-        cached = state.__dict__["_match_rows"] = (rows, uncastable)
+        targets = frozenset(target for _, target, _, _ in rows)
+        cached = state.__dict__["_match_rows"] = (rows, uncastable, targets)
     return cached
 
 

@@ -121,7 +121,8 @@ def _read(new: Any, specs: dict[str, WeightSpec]) -> NewWeights:
 
 def checkpoint(path: str) -> Header:
     """A safetensors file, a sharded checkpoint's index file (`*.index.json`), or a directory
-    holding one of them."""
+    holding one of them. Each is read only if it is a regular file (a FIFO, socket or device
+    is refused before any read, never waited on)."""
     if os.path.isdir(path):
         path = in_directory(path)
     if path.endswith(".index.json"):

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from ..errors import IncompatibleWeightsError
+from ..fileio import kind_of, open_regular
 from .files import FileTensor, Header, UntypedTensor, read_header
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -55,14 +56,20 @@ def read_index(index: str) -> Header:
 
 
 def _weight_map(index: str) -> dict[str, str]:
-    """The index's tensor name -> shard file name, checked: a JSON object of strings."""
-    if os.path.getsize(index) > MAX_INDEX_BYTES:
-        raise _bad_index(index, f"it is larger than {MAX_INDEX_BYTES} bytes")
+    """The index's tensor name -> shard file name, checked: a JSON object of strings, read
+    from a regular file of bounded size (a FIFO or /dev/zero is refused, never read)."""
     try:
-        with open(index, "rb") as f:
-            document = json.loads(f.read().decode("utf-8"), object_pairs_hook=_no_duplicates)
+        with open_regular(index) as f:
+            if os.fstat(f.fileno()).st_size > MAX_INDEX_BYTES:
+                raise ValueError(f"it is larger than {MAX_INDEX_BYTES} bytes")
+            text = f.read(MAX_INDEX_BYTES + 1)
+        if len(text) > MAX_INDEX_BYTES:  # it grew while read
+            raise ValueError(f"it is larger than {MAX_INDEX_BYTES} bytes")
+        document = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except RecursionError as exc:
+        raise _bad_index(index, "it nests JSON too deep to parse") from exc
     except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError included
-        raise _bad_index(index, str(exc)) from exc
+        raise _bad_index(index, str(exc)[:300]) from exc
     weight_map = document.get("weight_map") if isinstance(document, dict) else None
     if not isinstance(weight_map, dict):
         raise _bad_index(index, 'it is not a JSON object with a "weight_map" object')
@@ -95,8 +102,11 @@ def _shard_path(index: str, shard: str) -> str:
     the index links to (as the Hugging Face cache lays out snapshots and blobs)."""
     directory = os.path.dirname(os.path.abspath(index))
     path = os.path.join(directory, shard)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise _bad_index(index, f"its shard {shard!r} does not exist in {directory!r}")
+    if not os.path.isfile(path):
+        kind = kind_of(os.stat(path).st_mode)
+        raise _bad_index(index, f"its shard {shard!r} is {kind}, not a regular file")
     allowed = {os.path.realpath(directory), os.path.dirname(os.path.realpath(index))}
     real = os.path.realpath(path)
     if os.path.dirname(real) not in allowed:

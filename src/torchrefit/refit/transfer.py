@@ -47,7 +47,7 @@ from ..quantize import QUANTIZED_DTYPES
 from ..weights import ALIGN_BYTES, WeightStore
 from .evaluate import Values, name_streamed, raise_nonfinite, refused_on_cpu
 from .evaluate import unset_note as _unset
-from .files import FileTensor, buffer_bytes, chunks_of
+from .files import FileTensor, buffer_bytes, chunks_of, open_weights
 
 logger = logging.getLogger("torchrefit")
 
@@ -645,7 +645,7 @@ def _stage_host(
                 source = piece.source
                 if isinstance(source, FileTensor):
                     if source.path not in files:
-                        files[source.path] = open(source.path, "rb")  # noqa: SIM115 - closed below
+                        files[source.path] = open_weights(source.path)
                     _read_range(files[source.path], source, piece.start, slot, chunks)
                     continue
                 flat = source.reshape(-1)[piece.start : piece.start + piece.numel]
@@ -677,7 +677,7 @@ def _stream_into(store: WeightStore, streamed: dict[str, FileTensor]) -> None:
         with _Chunks(store.device, torch.uint8) as chunks:
             for key, t in streamed.items():
                 if t.path not in files:
-                    files[t.path] = open(t.path, "rb")  # noqa: SIM115 - closed below
+                    files[t.path] = open_weights(t.path)
                 _read_range(files[t.path], t, 0, store[key].view(-1), chunks)
     finally:
         for f in files.values():

@@ -1,0 +1,7 @@
+"""`python -m torchrefit.cli`: the torchrefit command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

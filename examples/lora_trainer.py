@@ -5,10 +5,11 @@ adapted layers on the engine's device each step and refits only those.
 .venv/bin/python examples/lora_trainer.py [--backend inductor] [--measure]
 
 Backend: eager by default. The engines then run the compiled graphs op by op (no code
-generation), so the loop shows in seconds on a CPU; the refit itself (merge, check, copy)
-is the same for both backends. `--backend inductor` compiles Inductor engines (torchrefit's
-default, what you deploy: about a minute here for this model). `--measure` times the
-Refitter call against a full refit of every weight and a flat copy of the adapted bytes.
+generation), so the loop runs in a few seconds on a CPU; the refit itself (merge, check,
+copy) is the same for both backends. `--backend inductor` compiles Inductor engines
+(torchrefit's default, what you deploy: about 20 s for the whole run on a 2-core CPU).
+`--measure` times the Refitter call against a full refit of every weight and a flat copy of
+the adapted bytes.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ generation), so the loop runs in a few seconds on a CPU; the refit itself (merge
 copy) is the same for both backends. `--backend inductor` compiles Inductor engines
 (torchrefit's default, what you deploy: about 20 s for the whole run on a 2-core CPU).
 `--measure` times the Refitter call against a full refit of every weight and a flat copy of
-the adapted bytes.
+the adapted bytes (`--device cuda --dtype bfloat16 --hidden 2048 --layers 16` on a GPU).
 """
 
 from __future__ import annotations
@@ -84,22 +84,34 @@ def main(
     return errors
 
 
-def _best(fn: Callable[[], object], repeat: int = 30) -> float:
+def _best(fn: Callable[[], object], device: torch.device, repeat: int = 30) -> float:
     """The fastest of `repeat` calls, in ms (the machine is shared: the minimum is the
-    least disturbed)."""
+    least disturbed); on a GPU, until the device finishes."""
+    cuda = device.type == "cuda"
     fn()
     times = []
     for _ in range(repeat):
+        if cuda:
+            torch.cuda.synchronize(device)
         started = time.perf_counter()
         fn()
+        if cuda:
+            torch.cuda.synchronize(device)
         times.append(1e3 * (time.perf_counter() - started))
     return min(times)
 
 
-def measure(backend: str = "eager", hidden: int = 512, layers: int = 4) -> dict[str, float]:
-    """Relative cost of the LoRA refit on this machine, in ms."""
-    base = small_llama(hidden, layers)
-    ids = torch.randint(0, 2048, (1, 8))
+def measure(
+    backend: str = "inductor",
+    hidden: int = 512,
+    layers: int = 4,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, float]:
+    """The LoRA refit's cost on this machine, in ms, beside a full refit and a flat copy."""
+    where = torch.device(device)
+    base = small_llama(hidden, layers).to(where, dtype)
+    ids = torch.randint(0, 2048, (1, 8), device=where)
     compiled = torchrefit.compile(base, (ids,), backend=backend)
     model = with_lora(base)
     lora = torchrefit.Refitter(compiled, model)
@@ -108,18 +120,21 @@ def measure(backend: str = "eager", hidden: int = 512, layers: int = 4) -> dict[
     merged = copy.deepcopy(model).merge_and_unload()
     full = torchrefit.Refitter(compiled, merged)
     rows = {
-        "Refitter(compiled, peft_model)": _best(lora),
-        "Refitter(compiled, merged model): every weight": _best(full),
+        "Refitter(compiled, peft_model)": _best(lora, where),
+        "Refitter(compiled, merged model): every weight": _best(full, where),
         "refit_module_weights(compiled, peft_model, in_place=True)": _best(
-            lambda: torchrefit.refit_module_weights(compiled, model, in_place=True), 5
+            lambda: torchrefit.refit_module_weights(compiled, model, in_place=True), where, 5
         ),
         "copy of the adapted weights (_foreach_copy_)": _best(
-            lambda: torch._foreach_copy_(targets, adapted)
+            lambda: torch._foreach_copy_(targets, adapted), where
         ),
     }
     megabytes = sum(t.numel() * t.element_size() for t in adapted) / 1e6
     total = compiled._torchrefit.store.nbytes() / 1e6
-    print(f"Llama, hidden {hidden}, {layers} layers: {total:.1f} MB, {megabytes:.1f} MB adapted")
+    print(
+        f"Llama, hidden {hidden}, {layers} layers, {dtype} on {device} ({backend}): "
+        f"{total:.1f} MB, {megabytes:.1f} MB adapted"
+    )
     for label, ms in rows.items():
         print(f"{label:<60} {ms:8.3f} ms")
     return rows
@@ -129,8 +144,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--backend", default="eager", choices=["eager", "inductor"])
     parser.add_argument("--measure", action="store_true")
+    parser.add_argument("--hidden", type=int, default=512, help="--measure's model width")
+    parser.add_argument("--layers", type=int, default=4, help="--measure's layer count")
+    parser.add_argument("--device", default="cpu", help="--measure's device (cuda)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     if args.measure:
-        measure(args.backend)
+        dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+        measure(args.backend, args.hidden, args.layers, args.device, dtype)
     else:
         main(args.backend)

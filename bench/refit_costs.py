@@ -20,6 +20,7 @@ refit is compared with eager PyTorch on fresh inputs afterwards (the err_ rows).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -128,11 +129,11 @@ def model_rows(name: str, device: str, dtype: torch.dtype, quick: bool, seconds:
         with torch.no_grad():
             row[f"err_{label}"] = error(module(*y), model(*y))
 
-    row["flat_copy_ms"] = (
-        _flat_copy_ms(nbytes, device, iters)
-        if device == "cuda"
-        else median_ms(lambda: torch._foreach_copy_(*_pairs(plain, b)), device, iters=iters)
-    )
+    if device == "cuda":
+        row["flat_copy_ms"] = _flat_copy_ms(nbytes, device, iters)
+    else:
+        dsts, srcs = _pairs(plain, b)
+        row["flat_copy_ms"] = median_ms(lambda: torch._foreach_copy_(dsts, srcs), device, 3, iters)
     configs = {
         "unchecked": (plain, {"check_finite": False}),
         "checked": (plain, {}),
@@ -279,11 +280,10 @@ def cpu_mlp_rows(quick: bool) -> Row:
     plain = torchrefit.compile(a, (x,), backend="eager")
     double = _variant(plain, a, double_buffer=True)
     row["weights_MB"] = plain._torchrefit.store.nbytes() / 1e6
-    iters = 5 if quick else 20
+    iters = 5 if quick else 40
     state_dict = dict(b.state_dict())
-    row["flat_copy_ms"] = median_ms(
-        lambda: torch._foreach_copy_(*_pairs(plain, b)), "cpu", 3, iters
-    )
+    dsts, srcs = _pairs(plain, b)
+    row["flat_copy_ms"] = median_ms(lambda: torch._foreach_copy_(dsts, srcs), "cpu", 3, iters)
     refit = torchrefit.refit_module_weights
     for mode, module, flag in (
         ("unchecked", plain, False),
@@ -300,7 +300,7 @@ def cpu_mlp_rows(quick: bool) -> Row:
             row[f"err_refit_{mode}"] = error(module(x), b(x))
         refitter = torchrefit.Refitter(module, b, check_finite=flag)
         row[f"refitter_device_{mode}_ms"] = median_ms(refitter, "cpu", 3, iters)
-    mutable_rows(row, b, x, iters)
+    mutable_rows(row, copy.deepcopy(b), x, iters)  # no Refitter holds aliases of its weights
     return row
 
 

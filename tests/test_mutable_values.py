@@ -155,3 +155,28 @@ def test_without_check_values_nothing_is_watched() -> None:
     mutable = torchrefit.MutableModule(model, backend="eager", check_values=False)
     mutable(*_x())
     assert type(model.fc1.weight) is torch.nn.Parameter
+
+
+def test_a_write_through_an_alias_that_then_dies_is_seen() -> None:
+    model = randomize(MLP(), 0)
+    mutable = torchrefit.MutableModule(model, backend="eager")
+    x = _x()
+    alias = model.fc2.weight.data
+    mutable(*x)
+    assert_matches(mutable(*x), run_eager(model, *x))  # the alias lives: refitted meanwhile
+    alias.copy_(torch.randn_like(alias))
+    del alias  # the write landed before it died
+    assert_matches(mutable(*x), run_eager(model, *x))
+
+
+def test_refit_reads_every_weight_for_writes_no_call_can_see() -> None:
+    """A write that bypasses both the version counter and `.data` (a NumPy view here; a
+    collective writing into a parameter is another) is not seen by calls; refit() is."""
+    model = randomize(MLP(), 0)
+    mutable = torchrefit.MutableModule(model, backend="eager")
+    x = _x()
+    mutable(*x)
+    view = model.fc1.bias.detach().numpy()
+    view[:] = 5.0
+    mutable.refit()
+    assert_matches(mutable(*x), run_eager(model, *x))

@@ -355,3 +355,45 @@ def test_the_kernel_path_under_the_triton_interpreter() -> None:
         timeout=900,
     )
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+# -- what a review of the write paths found ---------------------------------------------------
+
+
+def test_state_a_forward_writes_survives_double_buffer_flips() -> None:
+    """The state (a counter here, a KV cache in a CompiledLM) is one memory in both banks:
+    a flip never rolls it back."""
+    from test_stateful import Counter
+
+    torch.manual_seed(0)
+    model, x = Counter().eval(), torch.randn(2, 4)
+    compiled = torchrefit.compile(model, (x,), backend="eager", double_buffer=True)
+    key = next(k for k in compiled._torchrefit.store.keys() if k.endswith("calls"))
+    for flips in range(4):
+        for _ in range(2):
+            compiled(x)
+        assert float(compiled._torchrefit.store[key]) == 2 * (flips + 1)
+        torchrefit.refit_module_weights(compiled, model, in_place=True)
+        assert float(compiled._torchrefit.store[key]) == 2 * (flips + 1)
+
+
+def test_a_write_that_fails_midway_leaves_the_module_refusing_to_run(monkeypatch) -> None:
+    """Anything that raises once the copy into a live store began (a device error, an
+    interrupt) leaves the refitted constants unset: never a mix that runs."""
+    a, b = Small(0).eval(), Small(1).eval()
+    x = torch.randn(3, 64)
+    compiled = torchrefit.compile(a, (x,), backend="eager")
+    real = transfer.copy_into
+
+    def failing(store, values) -> None:
+        real(store, dict(list(values.items())[:1]))  # one constant written, then an error
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transfer, "copy_into", failing)
+    with pytest.raises(KeyboardInterrupt):
+        torchrefit.refit_module_weights(compiled, b, in_place=True)
+    with pytest.raises(torchrefit.WeightsNotLoadedError, match="a refit failed"):
+        compiled(x)
+    monkeypatch.undo()
+    torchrefit.refit_module_weights(compiled, b, in_place=True)
+    assert_matches(compiled(x), run_eager(b, x))

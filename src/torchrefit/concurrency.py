@@ -97,6 +97,7 @@ class Guard:
             self._writing = True
         try:
             if device.type == "cuda":
+                self.after_commits(device)
                 self.wait_for_calls(device)
             yield
             if device.type == "cuda":
@@ -108,6 +109,12 @@ class Guard:
             with self._cond:
                 self._writing = False
                 self._cond.notify_all()
+
+    def after_commits(self, device: torch.device) -> None:
+        """The current stream waits for the last commit's writes (no host sync): commits
+        from refits on other streams stay in order, and so do the tables they share."""
+        if self._committed is not None:
+            torch.cuda.current_stream(device).wait_event(self._committed)
 
     def wait_for_calls(self, device: torch.device) -> None:
         """The current stream waits for the work queued so far on every stream that made

@@ -102,7 +102,10 @@ def _kernel() -> Any:
                 tl.store(base + dst + offs, values)
         else:
             mask = offs < n
-            values = tl.load(base + src + offs, mask=mask, other=0)
+            if CHECK:  # masked lanes read as 0: finite
+                values = tl.load(base + src + offs, mask=mask, other=0)
+            else:  # no `other` (0 has no cast into float8)
+                values = tl.load(base + src + offs, mask=mask)
             if COPY:
                 dst = tl.multiple_of(tl.load(dst_offset + t), VEC)
                 tl.store(base + dst + offs, values, mask=mask)
@@ -416,8 +419,9 @@ def finite_kernels_work(device: torch.device, dtype: torch.dtype) -> bool:
 
 @functools.cache
 def _self_test(device: torch.device, dtype: torch.dtype) -> bool:
-    """Run the kernel once on scratch tensors (odd sizes, a pinned host source) and compare
-    their bytes: a broken Triton falls back."""
+    """Run the kernel on scratch tensors (odd sizes, a pinned host source) and compare their
+    bytes, plainly and gated by a flag (a set flag writes nothing): a broken Triton falls
+    back."""
     try:
         item = torch.empty((), dtype=dtype).element_size()
         step = 256 // item
@@ -425,16 +429,31 @@ def _self_test(device: torch.device, dtype: torch.dtype) -> bool:
         starts = [sum(-(-n // step) * step for n in sizes[:i]) for i in range(len(sizes))]
         arena = torch.zeros(starts[-1] + -(-sizes[-1] // step) * step, dtype=dtype, device=device)
         srcs = [_random(n, dtype, device) for n in sizes[:3]]
-        srcs.append(_random(sizes[3], dtype, torch.device("cpu")).pin_memory())  # read over UVA
+        host = _random(sizes[3], dtype, torch.device("cpu"))
+        srcs.append(host.pin_memory() if device.type == "cuda" else host)  # read over UVA
         dsts = [arena[s : s + t.numel()] for s, t in zip(starts, srcs, strict=True)]
-        GatherCopy(arena, dsts, srcs)()
-        return all(
+        flag = torch.ones(1, dtype=torch.int32, device=device)
+        _gated(arena, dsts, srcs, flag)  # the flag is set: nothing may be written
+        untouched = not bool(arena.view(torch.uint8).any())
+        flag.zero_()
+        _gated(arena, dsts, srcs, flag)
+        return untouched and all(
             torch.equal(d.view(torch.uint8), s.to(device).view(torch.uint8))
             for d, s in zip(dsts, srcs, strict=True)
         )
     except Exception as exc:  # noqa: BLE001 - any failure means: use the fallback
         logger.warning("the gather-copy kernel failed (%s); refits use _foreach_copy_", exc)
         return False
+
+
+def _gated(
+    arena: torch.Tensor, dsts: list[torch.Tensor], srcs: list[torch.Tensor], flag: torch.Tensor
+) -> None:
+    """The copy as a live store's commit launches it: no check, gated by `flag`."""
+    item, base = arena.element_size(), arena.data_ptr()
+    rows = [((d.data_ptr() - base) // item, d.numel(), False) for d in dsts]
+    src = _upload(torch.tensor([(s.data_ptr() - base) // item for s in srcs]), arena.device)
+    launch(arena, Slots(rows, arena.device), src, flag, copy=True, check=False, cond=True)
 
 
 def _random(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

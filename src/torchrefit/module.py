@@ -341,13 +341,6 @@ class CompiledModule(fx.GraphModule):
     def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any], graphs: bool) -> Any:
         """One call; `graphs`: replay it as a CUDA graph (captured once per input shape)."""
         state = self._torchrefit
-        if state.unset:
-            raise WeightsNotLoadedError(
-                f"This module was loaded without its weights ({len(state.unset)} constants, e.g. "
-                f"{sorted(state.unset)[0]!r}), so it would compute garbage. Supply them: "
-                "torchrefit.load(path, weights=...) or refit_module_weights(module, weights, "
-                "in_place=True)."
-            )
         given = _flatten(args, kwargs, state)
         names = state.input_names()
         flat = [
@@ -358,6 +351,8 @@ class CompiledModule(fx.GraphModule):
         guard = state.guard
         guard.begin_read(state.store.device)  # one complete weight set per call
         try:
+            if state.unset:  # read under the lock: a failed write marks it before releasing
+                raise _not_loaded(state.unset)
             store = state.store
             if graphs and _all_cuda(flat):  # outputs are the graph's copies: never a constant
                 outputs = _apply_mutations(
@@ -403,6 +398,15 @@ class CompiledModule(fx.GraphModule):
     def weight_map(self) -> dict[str, Lineage]:
         """Every constant the engines and fallbacks hold, and how it is computed."""
         return dict(self._torchrefit.lineage)
+
+
+def _not_loaded(unset: set[str]) -> WeightsNotLoadedError:
+    return WeightsNotLoadedError(
+        f"This module holds {len(unset)} constants that no refit has supplied (e.g. "
+        f"{sorted(unset)[0]!r}): it was loaded without its weights, or a refit failed while "
+        "writing them. It would compute garbage. Supply them: torchrefit.load(path, "
+        "weights=...) or refit_module_weights(module, weights, in_place=True)."
+    )
 
 
 def clone_module(module: CompiledModule, store: WeightStore) -> CompiledModule:

@@ -58,6 +58,7 @@ class _Variant:
     seen: dict[str, tuple[int, int, tuple[int, ...]]] = field(default_factory=dict)
     stamps: dict[str, int] = field(default_factory=dict)  # `.data` accesses refitted
     all_watched: bool = False  # every weight a parameter the watch sees: no value compared
+    shared: set[str] = field(default_factory=set)  # aliased by another tensor at the last sync
     snapshots: dict[str, torch.Tensor] = field(default_factory=dict)  # weights the store hides
 
     def difference(self, modules: Modules) -> str | None:
@@ -253,12 +254,15 @@ class MutableModule(torch.nn.Module):
         return self.model.generate(input_ids, **kwargs)
 
     def refit(self) -> None:
-        """Bring every compiled variant that stands for the model now up to date with its
-        weights (the others are refitted when a call finds them again)."""
+        """Refit every compiled variant that stands for the model now from all of its
+        weights, as they are (the others are refitted when a call finds them again): for
+        writes no call can see, which bypass both the version counter and `.data` (a
+        collective writing into a parameter, a NumPy view of one, a storage-level copy)."""
         with self._lock:
             modules = dict(self.model.named_modules())
             for variant in [*self._variants, *self._lms]:
                 if variant.difference(modules) is None:
+                    variant.seen = {}  # every weight counts as changed
                     self._sync(variant, modules)
 
     def recompile(self) -> None:
@@ -336,11 +340,11 @@ class MutableModule(torch.nn.Module):
 
     def _identities(self) -> tuple[dict[str, tuple[int, int, tuple[int, ...]]], set[str]]:
         """Each weight's storage, version and shape, as the next refit will read it; and
-        the parameters whose memory another tensor shares now (an alias taken before the
-        watch began, through which `.data` writes go unseen): those are compared by value
-        while the alias lives."""
+        the parameters that still have an alias taken before the watch began (a `.data`
+        alias's writes go unseen): those are compared by value while it lives."""
         params = dict(self.model.named_parameters(remove_duplicate=False))
-        shared = {f for f, t in params.items() if _shared(t)} if self._check_values else set()
+        watch = self._watch
+        shared = {f for f, t in params.items() if watch.unseen_aliases(t)} if watch else set()
         tensors: dict[str, torch.Tensor] = dict(params)
         tensors.update(self.model.named_buffers(remove_duplicate=False))
         return {f: _identity(t) for f, t in tensors.items()}, shared
@@ -390,7 +394,7 @@ class MutableModule(torch.nn.Module):
                 return False
             variant.snapshots.update(snapshots)
             self._watch_weights(variant)
-        variant.seen, variant.stamps = seen, stamps
+        variant.seen, variant.stamps, variant.shared = seen, stamps, shared
         return True
 
     def _unchanged(
@@ -402,7 +406,7 @@ class MutableModule(torch.nn.Module):
         """Whether nothing can have changed, known without reading a value: the same weights
         with the same storage and versions, no `.data` access, no LoRA layer (their views
         are computed), and nothing compared by value (every weight watched)."""
-        if seen != variant.seen or variant.lora.merged or shared:
+        if seen != variant.seen or variant.lora.merged or shared or variant.shared:
             return False
         if self._watch is not None:
             if self._watch.accessed(variant.stamps)[0]:
@@ -436,7 +440,11 @@ class MutableModule(torch.nn.Module):
             compare |= {
                 f
                 for f in current
-                if f not in owned or watch is None or not watch.covers(owned[f]) or f in shared
+                if f not in owned
+                or watch is None
+                or not watch.covers(owned[f])
+                or f in shared
+                or f in variant.shared  # its alias died since: a write may have landed
             }
         candidates = {f: current[f] for f in compare - changed}
         changed |= self._changed_values(variant, candidates)
@@ -520,14 +528,6 @@ def _identity(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
     those."""
     return (tensor.data_ptr(), tensor._version, tuple(tensor.shape))
 
-
-def _shared(tensor: torch.Tensor) -> bool:
-    """Whether another tensor shares this one's memory now (a `.data` alias, a view):
-    more references than this tensor's and the storage object asked."""
-    return _use_count(tensor.untyped_storage()._cdata) > 2
-
-
-_use_count = torch._C._storage_Use_Count
 
 
 def _input_signature(args: tuple, kwargs: dict) -> tuple:

@@ -29,15 +29,18 @@ import torch
 _DATA = torch._C.TensorBase.__dict__["data"]  # the original getter and setter
 _PARAMETER = torch.nn.Parameter
 _STAMPS = itertools.count(1)
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # re-entered: an alias may die (its callback) while it is held
 
 
 class Watch:
     """The `.data` accesses of the parameters it watches, by weight name."""
 
     def __init__(self) -> None:
-        self.stamps: dict[str, int] = {}  # name -> stamp of its last `.data` access
-        self.held: dict[str, list[weakref.ref[torch.Tensor]]] = {}  # name -> live aliases
+        self.stamps: dict[str, int] = {}  # name -> stamp of its last `.data` access (or death
+        # of an alias from it: a write through it may have landed before it died)
+        self.live: dict[str, int] = {}  # name -> how many aliases from `.data` are alive
+        self._refs: set[weakref.ref[torch.Tensor]] = set()
+        self.aliased: set[int] = set()  # ids of parameters aliased when the watch began
         self.watched: dict[int, tuple[torch.Tensor, tuple[str, ...]]] = {}
         self._finalizer = weakref.finalize(self, _release, self.watched)
 
@@ -53,6 +56,8 @@ class Watch:
                 if known is not None and known[0] is tensor and set(known[1]) == set(names):
                     continue
                 self.watched[key] = (tensor, tuple(names))
+                if _aliased(tensor):  # aliases taken before the watch: they go unseen
+                    self.aliased.add(key)
                 _watchers(tensor).add(self)
                 tensor.__class__ = _Watched
 
@@ -61,6 +66,18 @@ class Watch:
         entry = self.watched.get(id(tensor))
         return entry is not None and entry[0] is tensor and type(tensor) is _Watched
 
+    def unseen_aliases(self, tensor: torch.Tensor) -> bool:
+        """Whether `tensor` still has an alias taken before the watch began (a `.data`
+        alias's writes move no version counter and were not noted: compare its values).
+        Once such aliases are gone it is watched like the rest."""
+        key = id(tensor)
+        if key not in self.aliased:
+            return False
+        if _aliased(tensor):
+            return True
+        self.aliased.discard(key)
+        return False
+
     def covers_all(self, names: Any, model: torch.nn.Module) -> bool:
         """Whether every weight among `names` is a parameter of `model` this watch sees (no
         buffer or constant that only a comparison of values could follow)."""
@@ -68,28 +85,41 @@ class Watch:
         return all(n in params and self.covers(params[n]) for n in names)
 
     def accessed(self, seen: dict[str, int]) -> tuple[set[str], dict[str, int]]:
-        """Names accessed through `.data` since the stamps in `seen`, and names whose
-        aliases are still alive; with the stamps to record once they are refitted."""
-        stamps = dict(self.stamps)
-        changed = {n for n, stamp in stamps.items() if seen.get(n) != stamp}
-        for name, refs in list(self.held.items()):
-            alive = [r for r in refs if r() is not None]
-            if alive:
-                self.held[name] = alive
-                changed.add(name)
-            else:
-                self.held.pop(name, None)
+        """Names accessed through `.data` (or whose alias died) since the stamps in `seen`,
+        and names with an alias alive; with the stamps to record once they are refitted.
+        Reads only: a refit that fails records nothing, and the next call sees them again."""
+        with _LOCK:
+            stamps = dict(self.stamps)
+            changed = {n for n, stamp in stamps.items() if seen.get(n) != stamp}
+            changed.update(self.live)
         return changed, stamps
 
     def note(self, tensor: torch.Tensor, alias: torch.Tensor | None) -> None:
-        entry = self.watched.get(id(tensor))
-        if entry is None or entry[0] is not tensor:
-            return
-        stamp = next(_STAMPS)
-        for name in entry[1]:
-            self.stamps[name] = stamp
+        with _LOCK:
+            entry = self.watched.get(id(tensor))
+            if entry is None or entry[0] is not tensor:
+                return
+            names = entry[1]
+            stamp = next(_STAMPS)
+            for name in names:
+                self.stamps[name] = stamp
             if alias is not None:
-                self.held.setdefault(name, []).append(weakref.ref(alias))
+                callback = functools.partial(_alias_died, weakref.ref(self), names)
+                self._refs.add(weakref.ref(alias, callback))
+                for name in names:
+                    self.live[name] = self.live.get(name, 0) + 1
+
+    def died(self, names: tuple[str, ...], ref: weakref.ref[torch.Tensor]) -> None:
+        with _LOCK:
+            self._refs.discard(ref)
+            stamp = next(_STAMPS)
+            for name in names:
+                self.stamps[name] = stamp
+                count = self.live.get(name, 0) - 1
+                if count > 0:
+                    self.live[name] = count
+                else:
+                    self.live.pop(name, None)
 
     def close(self) -> None:
         """Stop watching: parameters no other watch has go back to their class."""
@@ -111,6 +141,20 @@ def _watchers(tensor: torch.Tensor) -> weakref.WeakSet[Watch]:
         ref = weakref.ref(tensor, functools.partial(_forget, key))
         found = _WATCHERS[key] = (ref, weakref.WeakSet())
     return found[1]
+
+
+def _alias_died(
+    watch: weakref.ref[Watch], names: tuple[str, ...], ref: weakref.ref[torch.Tensor]
+) -> None:
+    found = watch()
+    if found is not None:
+        found.died(names, ref)
+
+
+def _aliased(tensor: torch.Tensor) -> bool:
+    """Whether another tensor shares this one's memory now: more references to its
+    storage than this tensor's and the storage object asked."""
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) > 2
 
 
 def _forget(key: int, _: object) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -74,9 +75,17 @@ class WeightStore:
                         view.copy_(value)
                 self.tensors[key] = view
 
-    def empty_like(self) -> WeightStore:
-        """A store of the same layout whose memory is not yet written (a copy's target)."""
-        return WeightStore(self.tensors, copy_values=False)
+    def empty_like(self, shared: Collection[str] = ()) -> WeightStore:
+        """A store of the same constants whose memory is not yet written (a copy's target,
+        a standby bank); the `shared` ones are this store's own tensors, not copies (the
+        state a forward writes is one memory in both banks of a double buffer)."""
+        store = WeightStore(
+            {k: t for k, t in self.tensors.items() if k not in shared}, copy_values=False
+        )
+        if shared:
+            own = store.tensors
+            store.tensors = {k: t if k in shared else own[k] for k, t in self.tensors.items()}
+        return store
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.tensors[key]

@@ -79,9 +79,13 @@ def commit_by(
             state.unset -= keys
         return
     if state.standby is None:
-        state.standby, state.stale = active.empty_like(), set(active.keys())
+        written = {k for k, lineage in state.lineage.items() if lineage.kind == "state"}
+        # what the forward writes (a KV cache, a counter) is one memory in both banks
+        state.standby = active.empty_like(shared=written)
+        state.stale = set(active.keys()) - written
     standby = state.standby
     if active.device.type == "cuda":
+        state.guard.after_commits(active.device)  # the last refit's writes, on any stream
         state.guard.wait_for_calls(active.device)  # calls launched before the last flip read it
     if state.stale - keys:  # until the flip, the standby is a mix
         write(standby, {k: active[k] for k in state.stale - keys})

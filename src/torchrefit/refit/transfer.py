@@ -128,7 +128,10 @@ class Transfer:
         self.state, self.store, self.values = state, store, values
         # launch tables kept between refits of the same constants (a Refitter keeps its own:
         # its captured graphs read them)
-        self.tables = tables if tables is not None else store.__dict__.setdefault("_tables", {})
+        self._own_tables = tables is not None
+        self.tables: dict[Any, tuple[Slots, Column]] = (
+            tables if tables is not None else store.__dict__.setdefault("_tables", {})
+        )
         self.device = store.device
         self.cuda = self.device.type == "cuda"
         self.kernels = use_kernels(self.device)  # the gather kernel reads, checks and copies
@@ -137,7 +140,9 @@ class Transfer:
         self.flag = torch.zeros(1, dtype=torch.int32, device=self.device) if self.kernels else None
         self.partial: set[str] = set()  # what a failed second pass may have reached
         self._candidates: dict[str, torch.Tensor] | None = None  # where a refused value is
-        self._host_sync = False  # host memory was read: sync before returning
+        self._host_sync = values.host_read  # host memory was read: sync before returning
+        self._written = False  # a write into the store was launched
+        self._flat: dict[int, torch.Tensor] = {}  # a strided source made flat once
         self._batches: list[_Batch] = []
         self._staging: dict[torch.dtype, torch.Tensor] = {}
         self._in_place: dict[str, torch.Tensor] = {}  # staged mode: read where they are
@@ -163,13 +168,28 @@ class Transfer:
             self._raise_if_flagged()
 
     def write(self) -> None:
-        """The writes into the store; around a live store the caller holds the write lock."""
+        """The writes into the store; around a live store the caller holds the write lock.
+        Into a live store, anything that fails once writing began leaves the refitted
+        constants marked unset (the module refuses to run until a refit succeeds)."""
         if not self.staged:
             self._write_direct()
         elif len(self._batches) > 1:
             self._second_pass()
         else:
-            self._copy_checked(self._batches[0] if self._batches else None)
+            try:
+                self._copy_checked(self._batches[0] if self._batches else None)
+            except WeightValueError:
+                raise  # refused before any write: the flag gated every launch
+            except BaseException:
+                if self._written:
+                    self.state.unset |= self.values.keys()
+                raise
+
+    def reset(self) -> None:
+        """Forget what the last use found (a Transfer replayed by a Refitter's graph)."""
+        self.partial.clear()
+        self._candidates = None
+        self._written = False
 
     def verdict(self) -> None:
         """One host sync; raise naming the first refused weight. A live store holds none of
@@ -190,7 +210,11 @@ class Transfer:
                 v.is_cuda
                 and self._kernel_takes(self.store[k].dtype)
                 or (v.is_cuda and not floating(v.dtype))
-                or (v.is_pinned() and v.is_contiguous() and self._kernel_takes(self.store[k].dtype))
+                or (
+                    v.is_pinned()
+                    and self._kernel_takes(self.store[k].dtype)
+                    and self._aligned(v, self.store[k].dtype)
+                )
                 for k, v in self.values.tensors.items()
             )
         pieces = [p for batch in self._batches for ps in batch.pieces.values() for p, _ in ps]
@@ -261,8 +285,9 @@ class Transfer:
             rest = [(p, at) for p, at in pieces if not self._uva(p, dtype)]
             if pinned:
                 moves = [Move(p.key, p.source, p.start, at, p.numel) for p, at in pinned]  # type: ignore[arg-type]
-                self._launch(staging, moves, ("pin", dtype), copy=True, check=self.check)
-            _stage_host(staging, rest, self.device)
+                check = self.check and floating(dtype)
+                self._launch(staging, moves, ("pin", dtype), copy=True, check=check)
+            _stage_host(staging, rest, self.device, self._flat)
             if rest:
                 views = {p.name: staging[at : at + p.numel] for p, at in rest}
                 self._check_written(views, {p.name: p.key for p, _ in rest})
@@ -282,9 +307,7 @@ class Transfer:
         for dtype, (keys, values) in self._in_place_groups(floating_only=True).items():
             base = self._staging.get(dtype)
             if base is None or not base.numel():
-                base = self._staging[dtype] = torch.empty(
-                    VECTOR_BYTES, dtype=dtype, device=self.device
-                )
+                base = self._staging[dtype] = _anchor(self.store, dtype)
             self._launch_whole(("check", dtype), base, keys, values, copy=False, check=True)
 
     def _in_place_groups(
@@ -321,7 +344,7 @@ class Transfer:
                 (self._offset(self.store[k]) if copy else 0, v.numel(), k not in inf_ok)
                 for k, v in zip(keys, values, strict=True)
             ]
-            found = self.tables[key] = (Slots(rows, self.device), Column(len(keys), self.device))
+            found = self._keep(key, (Slots(rows, self.device), Column(len(keys), self.device)))
         slots, column = found
         item, origin = base.element_size(), base.data_ptr()
         offsets = [(p - origin) // item for p in map(_DATA_PTR, values)]
@@ -335,8 +358,10 @@ class Transfer:
             sources = dict(self._in_place)
             if batch is not None:
                 sources.update(self._staged_views(batch))
+            self._written = True
             copy_into(self.store, sources)
             return
+        self._written = True
         for dtype, (keys, values) in self._in_place_groups().items():
             arena = self.store.arenas[(self.device, dtype)]
             self._launch_whole(
@@ -368,6 +393,7 @@ class Transfer:
 
     def _read_and_copy_again(self) -> None:
         self.partial |= set(self._in_place) | set(self._by_torch)
+        self._written = True
         self._copy_checked(None)
         for batch in self._batches:
             self.partial |= batch.keys()
@@ -383,6 +409,10 @@ class Transfer:
                 ]
                 arena = self.store.arenas[(self.device, dtype)]
                 self._launch(arena, moves, None, copy=True, check=False, cond=True)
+        # still under the write lock: what a refused second pass reached is marked unset
+        # before any call can run on it
+        self._raise_if_flagged()
+        self.partial.clear()
 
     def _staged_views(self, batch: _Batch) -> dict[str, torch.Tensor]:
         """The batch's staged values by piece name (key@start)."""
@@ -492,8 +522,16 @@ class Transfer:
             rows = [(m.target, m.numel, m.key not in inf_ok) for m in moves]
             found = (Slots(rows, self.device), Column(len(moves), self.device))
             if key is not None:
-                self.tables[key] = found
+                self._keep(key, found)
         return found
+
+    def _keep(self, key: Any, tables: tuple[Slots, Column]) -> tuple[Slots, Column]:
+        """Keep a launch's tables for the next refit of the same constants; the oldest go
+        beyond MAX_TABLES (a Refitter's own dict keeps all: its graphs read them)."""
+        if not self._own_tables and len(self.tables) >= MAX_TABLES:
+            self.tables.pop(next(iter(self.tables)))
+        self.tables[key] = tables
+        return tables
 
     def _check_by_torch(self, values: dict[str, torch.Tensor]) -> None:
         """Values the kernel does not read (CPU engines, other dtypes): torch reductions,
@@ -515,7 +553,10 @@ class Transfer:
         partial = sorted(self.partial)
         sources = {**self.values.sources, **self.values.streamed}
         raise_nonfinite(self._refused(), sources, self.state, partial=partial)
-        name_streamed(self.values, self.state)  # a file read in batches: read it again
+        try:
+            name_streamed(self.values, self.state)  # a file read in batches: read it again
+        except WeightValueError as exc:
+            raise WeightValueError(str(exc) + _unset(partial)) from None
         raise WeightValueError(
             f"A new value held NaN or inf when it was read, and no longer does (it changed "
             f"during the refit); nothing of it was kept.{_unset(partial)} Refit again once "
@@ -541,6 +582,19 @@ class Transfer:
 
 
 _NONE = torch.empty(0)
+MAX_TABLES = 32  # launch tables kept per store (a refit of other constants makes new ones)
+
+
+def _anchor(store: WeightStore, dtype: torch.dtype) -> torch.Tensor:
+    """An aligned base pointer of `dtype` kept with the store: offsets from it stay the same
+    from one refit to the next, so their column is not uploaded again."""
+    anchors = store.__dict__.setdefault("_anchors", {})
+    anchor = anchors.get(dtype)
+    if anchor is None:
+        anchor = anchors[dtype] = torch.empty(VECTOR_BYTES, dtype=dtype, device=store.device)
+    return anchor
+
+
 _DATA_PTR = torch.Tensor.data_ptr
 
 
@@ -621,18 +675,28 @@ def _upload(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 
 def _stage_host(
-    staging: torch.Tensor, pieces: list[tuple[_Piece, int]], device: torch.device
+    staging: torch.Tensor,
+    pieces: list[tuple[_Piece, int]],
+    device: torch.device,
+    flat: dict[int, torch.Tensor],
 ) -> None:
     """Pieces the kernel cannot read where they are (pageable or strided memory, file
     ranges) into their staging slots."""
     if not pieces:
         return
+
+    def flattened(source: torch.Tensor) -> torch.Tensor:
+        found = flat.get(id(source))
+        if found is None:  # one copy of a strided tensor, whatever the number of its pieces
+            found = flat[id(source)] = source.reshape(-1)
+        return found
+
     host: list[tuple[_Piece, int]] = []
     for piece, at in pieces:
         source = piece.source
         if isinstance(source, torch.Tensor) and source.device == staging.device:
-            flat = source.reshape(-1)[piece.start : piece.start + piece.numel]
-            staging[at : at + piece.numel].copy_(flat)  # a strided or misaligned view
+            part = flattened(source)[piece.start : piece.start + piece.numel]
+            staging[at : at + piece.numel].copy_(part)  # a strided or misaligned view
         else:
             host.append((piece, at))
     if not host:
@@ -648,11 +712,11 @@ def _stage_host(
                         files[source.path] = open_weights(source.path)
                     _read_range(files[source.path], source, piece.start, slot, chunks)
                     continue
-                flat = source.reshape(-1)[piece.start : piece.start + piece.numel]
-                if flat.is_pinned() or not slot.is_cuda:
-                    slot.copy_(flat, non_blocking=flat.is_pinned())
+                part = flattened(source)[piece.start : piece.start + piece.numel]
+                if part.is_pinned() or not slot.is_cuda:
+                    slot.copy_(part, non_blocking=part.is_pinned())
                 else:
-                    _upload(slot, flat)
+                    _upload(slot, part)
     finally:
         for f in files.values():
             f.close()

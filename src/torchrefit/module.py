@@ -293,9 +293,8 @@ class CompiledModule(fx.GraphModule):
         """A copy with its own weights (each constant copied once, from one complete weight
         set), its own refit state and lock; the compiled engines are shared."""
         state = self._torchrefit
-        with state.guard.reading(state.store.device):
-            store = WeightStore(state.store.tensors)
-        copied = clone_module(self, store)
+        with state.guard.reading(state.store.device):  # the weights and what is unset, agreed
+            copied = clone_module(self, WeightStore(state.store.tensors))
         memo[id(self)] = copied
         return copied
 

@@ -2,6 +2,13 @@
 and what is a refit (merges, unmerges, new adapter weights, scales).
 
 .venv/bin/python examples/lora.py [--backend inductor]
+
+Backend: eager by default, because this example is about which changes recompile and which
+are refits, and it compiles three variants: with the eager backend the engines run the
+compiled graphs op by op and the run takes about 9 s on a 2-core CPU, against about 23 s
+with Inductor (torchrefit's default, what you deploy; its first compile alone takes 11 s).
+Refits, compile counts and errors against eager are the same for both. `--backend inductor`
+runs it with Inductor.
 """
 
 from __future__ import annotations
@@ -57,6 +64,8 @@ def main(backend: str = "eager", quiet: bool = False) -> list[Step]:
     model.add_adapter("two", lora(2))
     mutable = torchrefit.MutableModule(model, backend=backend)
     steps: list[Step] = []
+    if not quiet:
+        print(f"backend: {backend}")
 
     def call(label: str) -> None:
         ids = torch.randint(0, 128, (2, 16))

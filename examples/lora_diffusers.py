@@ -4,6 +4,12 @@ once each; what diffusers sets on the model but the traced forward never reads
 (`lora_scale`, `_safe_fusing`, `_hf_peft_config_loaded`) does not.
 
 .venv/bin/python examples/lora_diffusers.py [--backend inductor]
+
+Backend: eager by default, because this example is about which changes recompile and which
+are refits, and it compiles four variants of a UNet: with the eager backend the engines run
+the compiled graphs op by op and the run takes about 19 s on a 2-core CPU, against about
+50 s with Inductor (torchrefit's default, what you deploy). Refits, compile counts and
+errors against eager are the same for both. `--backend inductor` runs it with Inductor.
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ def main(backend: str = "eager", quiet: bool = False) -> list[Step]:
     unet.set_adapters("style")
     mutable = torchrefit.MutableModule(unet, backend=backend)
     steps: list[Step] = []
+    if not quiet:
+        print(f"backend: {backend}")
 
     def call(label: str) -> None:
         sample, timestep = torch.randn(1, 4, 8, 8), torch.tensor([10])

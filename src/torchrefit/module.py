@@ -14,7 +14,7 @@ from .calls import CallSignature, bind, leaf_names, signature_of_layout, structu
 from .concurrency import Guard
 from .cuda_graphs import CudaGraphs
 from .engine.base import Runner
-from .errors import InputError, WeightsNotLoadedError
+from .errors import InputError, SerializationError, WeightsNotLoadedError
 from .export import WeightSpec
 from .lower.context import Lineage
 from .settings import Settings
@@ -273,9 +273,61 @@ class LMInfo:
 
 
 class CompiledModule(fx.GraphModule):
-    """Takes the model's inputs, returns its output structure; refit with refit_module_weights."""
+    """Takes the model's inputs, returns its output structure; refit with refit_module_weights.
+
+    `copy.deepcopy` (and `copy.copy`) gives a module with weights, refit state and lock of its
+    own that shares the compiled engines. It is not pickled (`torch.save`): its engines are
+    compiled code; `torchrefit.save` writes it. Its `state_dict()` and `load_state_dict()`
+    raise, naming what to call: the engines hold constants derived from the model's weights,
+    and a refit (`torchrefit.refit_module_weights`) is what loads weights into them."""
 
     _torchrefit: RefitState
+
+    def __init__(
+        self, root: torch.nn.Module, graph: fx.Graph, class_name: str | None = None
+    ) -> None:
+        # torch.fx makes a class per instance, named by `class_name`: show the public one
+        super().__init__(root, graph, class_name or public_class(self).__name__)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CompiledModule:
+        """A copy with its own weights (each constant copied once, from one complete weight
+        set), its own refit state and lock; the compiled engines are shared."""
+        state = self._torchrefit
+        with state.guard.reading(state.store.device):  # the weights and what is unset, agreed
+            copied = clone_module(self, WeightStore(state.store.tensors))
+        memo[id(self)] = copied
+        return copied
+
+    def __copy__(self) -> CompiledModule:
+        """As `copy.deepcopy`: two modules never share a weight store under two locks."""
+        return self.__deepcopy__({})
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise SerializationError(
+            f"A {type(self).__name__} cannot be pickled (torch.save, pickle, multiprocessing): "
+            "its engines are compiled code, and pickles run code when loaded. Save it with "
+            "torchrefit.save(compiled, path) and load it with torchrefit.load(path); copy it "
+            "in memory with copy.deepcopy(compiled)."
+        )
+
+    def __reduce__(self) -> Any:
+        return self.__reduce_ex__(None)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        raise SerializationError(
+            f"{type(self).__name__}.state_dict() is not the model's: the engines hold "
+            "constants derived from its weights (casts, folded batch norms, quantized "
+            "weights). Save the module with torchrefit.save(compiled, path) (its weights go "
+            "into the file as safetensors), or keep the model's own state_dict; "
+            "compiled.weight_map() tells how each constant is computed."
+        )
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        raise SerializationError(
+            f"{type(self).__name__}.load_state_dict(...) is a refit: call "
+            "torchrefit.refit_module_weights(compiled, state_dict, in_place=True) (checked, "
+            "all or nothing; strict=False refits only the weights given)."
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._run(args, kwargs, self._torchrefit.settings.cuda_graphs)
@@ -377,8 +429,7 @@ def clone_module(module: CompiledModule, store: WeightStore) -> CompiledModule:
             copy = make_fallback(_copy_graph(child.graph), child.constant_keys)
         root.add_module(name, copy)
     # a CompiledLM stays one (GraphModule makes a class per instance: take what it derives from)
-    kind = next(c for c in type(module).__mro__ if "GraphModuleImpl" not in c.__qualname__)
-    compiled = kind(root, _copy_graph(module.graph))
+    compiled = public_class(module)(root, _copy_graph(module.graph))
     # its own refit state: what one module's refits mark (unset weights) never shows in another
     compiled._torchrefit = dataclasses.replace(
         module._torchrefit,
@@ -390,6 +441,12 @@ def clone_module(module: CompiledModule, store: WeightStore) -> CompiledModule:
     )
     compiled.bind(store)
     return compiled
+
+
+def public_class(module: CompiledModule) -> type[CompiledModule]:
+    """The class a compiled module was made as (CompiledModule, CompiledLM): torch.fx
+    derives a class per instance from it."""
+    return next(c for c in type(module).__mro__ if "GraphModuleImpl" not in c.__qualname__)
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:

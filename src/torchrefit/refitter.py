@@ -3,7 +3,10 @@ checks and commits their current values through the refit core, replayed as one 
 per target bank where it can be (the weight program, the check, the gated or flagged copy).
 
 For loops that update weights in place (an optimizer's step, an RL learner, a pinned host
-buffer refilled from a checkpoint) and push them into inference every few steps.
+buffer refilled from a checkpoint) and push them into inference every few steps. A peft
+model bound to an engine of its base model is merged first, each call (`lora.LoraMerge`,
+one batched product per group of like layers, captured as a CUDA graph where it can be),
+and only its adapted layers are refitted.
 
 A call's host work is O(1) in the number of weights: whether a bound tensor was replaced
 (`module.w = Parameter(...)`, `load_state_dict(..., assign=True)`) is known from torch's
@@ -21,6 +24,7 @@ from typing import Any
 import torch
 
 from .errors import TorchRefitError, WeightDtypeError, WeightShapeError, WeightValueError
+from .lora import LoraMerge
 from .module import CompiledModule
 from .refit import refittable
 from .refit.commit import commit, commit_by
@@ -33,7 +37,7 @@ from .refit.evaluate import (
     raise_nonfinite,
 )
 from .refit.match import Matched, fast
-from .refit.read import NameMap, read
+from .refit.read import NameMap, peft_merge, read
 from .refit.transfer import Transfer, floating
 from .weights import WeightStore
 
@@ -46,8 +50,16 @@ class Refitter:
     `weights` is an nn.Module or a state_dict; its tensors are bound once (by identity, not
     by name): a bound tensor that is replaced or whose memory moves is refused (make a new
     Refitter). `name_map` renames the weights' names to the compiled model's, as for
-    `refit_module_weights` (a dict, or a function; None from it drops a name). Each call is
-    all or nothing, like `refit_module_weights(..., in_place=True)`.
+    `refit_module_weights` (a dict, or a function; None from it drops a name): a DDP, FSDP
+    or peft wrapper's prefix (`module.`, `base_model.model.`). Each call is all or nothing,
+    like `refit_module_weights(..., in_place=True)`.
+
+    `strict=False` binds only the weights given (a trainer's trainable ones): each call
+    refits those, and the derived constants they feed (recomputed from them and the sources
+    the engine keeps; refused by name at binding when the engine keeps none). A peft model
+    given for an engine of its base model is merged: each call computes `W + scale * B @ A`
+    for the adapters in effect, from the current base weights, factors and scales, on the
+    engines' device, and refits the adapted layers only (the others are the frozen base).
 
     `check_finite` (default: the module's `Settings.check_finite`) refuses NaN, and inf
     where the compiled constant held none, before anything is served: a plain module
@@ -63,6 +75,7 @@ class Refitter:
         cuda_graph: bool = True,
         check_finite: bool | None = None,
         name_map: NameMap | None = None,
+        strict: bool = True,
     ) -> None:
         self.module = compiled
         self.state = refittable(compiled)
@@ -74,9 +87,20 @@ class Refitter:
                 "A Refitter binds tensors that change in place; a file is read once. Refit from "
                 "a file with torchrefit.refit_module_weights(module, path, in_place=True)."
             )
-        self.matched: Matched = fast(read(weights, self.state.specs, name_map), self.state)
+        specs, device = self.state.specs, self.state.store.device
+        self._merge: LoraMerge | None = peft_merge(weights, specs, name_map, device)
+        if self._merge is not None:  # bind the merged weights; watch the peft model's own
+            self._merge()
+            new = read(self._merge.outputs, specs, strict=False)
+            self._binding = Binding(weights, self._merge.bound, None)
+        else:
+            new = read(weights, specs, name_map, strict=strict)
+        self.matched: Matched = fast(new, self.state)
         self.tensors = _tensors(self.matched)
-        self._binding = Binding(weights, self.tensors, name_map)
+        if self._merge is None:
+            self._binding = Binding(weights, self.tensors, name_map)
+        elif cuda_graph and self._merge.capturable():
+            self._merge.capture()
         self._graphs: _Graphs | None = None
         self._host: _Host | None = None
         if cuda_graph and self._capturable():
@@ -86,7 +110,12 @@ class Refitter:
 
     def __call__(self) -> None:
         self._binding.check()
+        merge = self._merge
+        if merge is not None:
+            merge.check()
         with self.state.guard.refit:
+            if merge is not None:
+                merge()  # the merged weights, into the memory bound below
             if self._graphs is not None:
                 self._graphs.run()
                 return
@@ -225,12 +254,15 @@ def _originals(
     while the detached alias bound keeps the old memory)."""
     if isinstance(weights, torch.nn.Module):
         given = {fqn: entry[3] for fqn, entry in owners.items()}
+        # a DTensor (FSDP2) is watched through the local tensor bound: its own pointer is 0
+        given = {k: t for k, t in given.items() if not hasattr(t, "device_mesh")}
     else:
         given = {}
         for name, tensor in dict(weights).items():
             fqn = _mapped(name, name_map)
             if fqn is not None and isinstance(tensor, torch.Tensor):
-                given.setdefault(fqn, tensor)
+                if not hasattr(tensor, "device_mesh"):
+                    given.setdefault(fqn, tensor)
     return {k: given.get(k, t) for k, t in bound.items()}
 
 

@@ -31,17 +31,23 @@ def refit_module_weights(
     in_place: bool = False,
     name_map: NameMap | None = None,
     check_finite: bool | None = None,
+    strict: bool = True,
 ) -> CompiledModule:
     """Replace the compiled module's weights; all or nothing. Returns the refitted module.
 
     `name_map` renames the new weights' names to the compiled model's: a dict, or a function
     (returning None drops a name, e.g. optimizer state in a checkpoint). `check_finite`
     (default: the module's `Settings.check_finite`) refuses NaN, and inf where the compiled
-    constant held none, before anything is written."""
+    constant held none, before anything is written. `strict=False` refits only the weights
+    given (the others keep their values; a derived constant they feed is recomputed from them
+    and the sources the engine keeps, or refused by name). A peft model given to an engine of
+    its base model refits its adapted layers, merged (`W + scale * B @ A`): a partial refit."""
     started = time.perf_counter()
     state = refittable(compiled_module)
     with state.guard.refit:  # refits of one module run one at a time
-        new = read(new_weight_module, state.specs, name_map)
+        new = read(
+            new_weight_module, state.specs, name_map, strict=strict, device=state.store.device
+        )
         matched = match(new, state, use_weight_map_cache, arg_inputs, kwarg_inputs)
         values = evaluate(matched, state)
         validate(values, state)

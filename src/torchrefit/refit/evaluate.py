@@ -120,7 +120,7 @@ def _derived(
         if fqn in cast:
             inputs[name] = cast[fqn]
         elif fqn in state.store.tensors:
-            inputs[name] = state.store[fqn]  # a kept non-persistent buffer or constant
+            inputs[name] = state.store[fqn]  # kept: a constant, or a weight not given
         else:
             raise MissingWeightError(
                 f"The new weights lack {fqn!r}, which derived engine constants are computed "
@@ -134,6 +134,8 @@ def _derived(
         for k, lineage in state.lineage.items()
         if lineage.kind == "program" and k not in matched.direct
     ]
+    if matched.partial:  # only the constants the given weights feed (`match.partial_program`)
+        derived_keys = [k for k in derived_keys if matched.rename.get(k, k) in outputs]
     return {**matched.direct, **{k: outputs[matched.rename.get(k, k)] for k in derived_keys}}
 
 

@@ -3,7 +3,9 @@
 An ExportedProgram whose structural fingerprint equals the compiled one's takes the fast
 path (names as they are). Otherwise the slow path lowers it again and pairs weights by graph
 position; another architecture raises IncompatibleWeightsError naming the first difference.
-Modules, state_dicts and files are matched by FQN.
+Modules, state_dicts and files are matched by FQN. A partial refit (`strict=False`) matches the
+weights given; the derived constants they feed are recomputed from them and the sources the
+store keeps (`partial_program`), or refused by name.
 """
 
 from __future__ import annotations
@@ -21,14 +23,11 @@ from ..errors import (
     IncompatibleWeightsError,
     MissingWeightError,
     TorchRefitError,
-    UnexpectedWeightError,
     WeightDtypeError,
     WeightShapeError,
     WeightValueError,
 )
 from ..export import (
-    WeightSpec,
-    dtype_name,
     engine_program,
     export_model,
     source_tensors,
@@ -46,6 +45,7 @@ from ..lower import LoweringContext, lower
 from ..module import RefitState
 from ..quantize import QUANTIZE_WEIGHT, QUANTIZED_DTYPES, SCALE_SUFFIX, dequantize, format_of
 from ..weights import WeightProgram
+from .explain import check_spec, explain_names
 from .files import FileTensor, read_tensor
 from .read import NewWeights, Source
 
@@ -61,6 +61,8 @@ class Matched:
     # derived store key -> its value as given (a quantized checkpoint's weight and scales),
     # placed as it is; `weight_program` then computes only the other derived constants
     direct: dict[str, torch.Tensor] = field(default_factory=dict)
+    # only the weights given and the derived constants they feed are refitted
+    partial: bool = False
 
 
 def match(
@@ -80,7 +82,7 @@ def match(
         if _same_names(new, state):
             by_fqn(new, state)  # a wrong shape or dtype is named as such, not as another graph
         return slow(new, state, arg_inputs, kwarg_inputs)
-    if use_cache or new.module is None:
+    if use_cache or new.module is None or new.partial:
         return fast(new, state)
     if arg_inputs is None:
         raise TorchRefitError(
@@ -94,7 +96,57 @@ def match(
 
 def fast(new: NewWeights, state: RefitState) -> Matched:
     new, direct, program, given = prequantized(new, state)
-    return Matched(by_fqn(new, state, given), "fast", program, {}, direct)
+    tensors = by_fqn(new, state, given)
+    if new.partial:
+        program = partial_program(program, set(tensors) | given, state)
+    return Matched(tensors, "fast", program, {}, direct, new.partial)
+
+
+def partial_program(program: WeightProgram, given: set[str], state: RefitState) -> WeightProgram:
+    """What a partial refit of the weights `given` recomputes: the outputs of `program` that
+    read one of them, and only what those need. Each other source they read must be kept by
+    the store (an identity or cast constant holds its source's value); else the refit is
+    refused, naming the constant and the sources it lacks. Planned once per set of names."""
+    if not program.outputs:
+        return program
+    cache = state.__dict__.setdefault("_partial_programs", {})
+    key = (id(program), frozenset(given))
+    hit = cache.get(key)
+    if hit is not None and hit[0] is program:
+        return hit[1]
+    nodes = list(program.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    touched = {n for n, fqn in zip(placeholders, program.inputs, strict=True) if fqn in given}
+    for node in nodes:  # topological order: a node reading a touched node is touched
+        if node.op != "placeholder" and any(a in touched for a in node.all_input_nodes):
+            touched.add(node)
+    results = next(n for n in nodes if n.op == "output").args[0]
+    unchanged = {k for k, v in zip(program.outputs, results, strict=True) if v not in touched}
+    partial = pruned(program, unchanged)
+    _check_kept(partial, given, state)
+    if len(cache) >= 16:
+        cache.clear()
+    cache[key] = (program, partial)
+    return partial
+
+
+def _check_kept(program: WeightProgram, given: set[str], state: RefitState) -> None:
+    """Every source `program` reads is given or kept by the store."""
+    store = state.store.tensors
+    lacking = [fqn for fqn in program.inputs if fqn not in given and fqn not in store]
+    if not lacking:
+        return
+    short = set(lacking)
+    constants = [k for k in program.outputs if short & set(state.lineage[k].sources)]
+    first = constants[0] if constants else program.outputs[0]
+    sources = list(state.lineage[first].sources)
+    raise MissingWeightError(
+        f"A partial refit (strict=False) changes {len(constants)} derived engine constant(s) "
+        f"whose sources it gives only in part: {first!r} is computed from {sources}, and "
+        f"{[s for s in sources if s in short]} are neither given nor kept by the engine (they "
+        "live only inside derived constants). Give them too, or refit every weight.",
+        missing=lacking,
+    )
 
 
 def _same_names(new: NewWeights, state: RefitState) -> bool:
@@ -117,10 +169,10 @@ def by_fqn(
             absent.append(fqn)
             continue
         if value.shape != shape or value.dtype is not dtype:
-            _check_spec(fqn, value, state.specs[fqn])  # raises, naming what differs
+            check_spec(fqn, value, state.specs[fqn], given, state)  # raises, naming it
         tensors[fqn] = value
-    if absent or given.keys() - targets:
-        _explain_names(new, state, given, quantized)
+    if (absent and not new.partial) or given.keys() - targets:
+        explain_names(new, state, given, quantized)
     for fqn in uncastable & tensors.keys():
         value = tensors[fqn]
         _check_cast(fqn, value, state.engine_dtypes.get(fqn, value.dtype))
@@ -157,38 +209,6 @@ _DTYPES = {
 }
 
 
-def _explain_names(
-    new: NewWeights, state: RefitState, given: dict[str, Source], quantized: frozenset[str]
-) -> None:
-    """Raise for names the compiled program lacks or weights the refit needs and lacks;
-    return where the only absences are weights a refit keeps (non-persistent buffers and
-    constants a state_dict cannot hold, the forward's own state)."""
-    extra = sorted(set(given) - set(state.specs))
-    missing = [
-        fqn
-        for fqn, spec in state.specs.items()
-        if fqn not in quantized and _required(fqn, spec, given, new, state)
-    ]
-    if extra:
-        raise UnexpectedWeightError(
-            f"The new weights hold {len(extra)} name(s) the compiled program does not have: "
-            f"{_names(extra, 'unexpected')}"
-            + (f"; and lack {len(missing)}: {_names(missing, 'missing')}" if missing else "")
-            + ". Rename them (name_map= maps checkpoint names to model names, e.g. "
-            "lambda n: n.removeprefix('model.')), or remove them.",
-            missing=missing,
-            unexpected=extra,
-        )
-    if missing:
-        spec = state.specs[missing[0]]
-        raise MissingWeightError(
-            f"The new weights lack {len(missing)} weight(s): {_names(missing, 'missing')} (the "
-            f"first is a {spec.kind} of {spec.dtype}{list(spec.shape)}). Give every parameter "
-            "and persistent buffer of the compiled model.",
-            missing=missing,
-        )
-
-
 def _untie(tensors: dict[str, Source], aliases: dict[str, str]) -> dict[str, Source]:
     """Names of one tied tensor folded into its canonical FQN; both given must agree."""
     given = dict(tensors)
@@ -203,20 +223,6 @@ def _untie(tensors: dict[str, Source], aliases: dict[str, str]) -> dict[str, Sou
             )
         given.setdefault(fqn, value)
     return given
-
-
-def _check_spec(fqn: str, value: Source, spec: WeightSpec) -> None:
-    if tuple(value.shape) != spec.shape:
-        raise WeightShapeError(
-            f"Weight {fqn!r} has shape {list(value.shape)}; the compiled model expects "
-            f"{list(spec.shape)}. Refit with weights of the compiled architecture."
-        )
-    if dtype_name(value.dtype) != spec.dtype:
-        raise WeightDtypeError(
-            f"Weight {fqn!r} has dtype {value.dtype}; the compiled model expects "
-            f"torch.{spec.dtype}. Convert it first (tensor.to(torch.{spec.dtype})), or "
-            "compile with that dtype."
-        )
 
 
 def _check_cast(fqn: str, value: Source, engine_dtype: torch.dtype) -> None:
@@ -241,32 +247,6 @@ def _castable(src: torch.dtype, dst: torch.dtype) -> bool:
     except (RuntimeError, TypeError):
         return False
     return True
-
-
-def _required(
-    fqn: str, spec: WeightSpec, given: dict[str, Source], new: NewWeights, state: RefitState
-) -> bool:
-    """Missing and needed: parameters and persistent buffers always; the rest only from an
-    ExportedProgram (a module cannot show constants its forward creates); never a buffer
-    the forward writes."""
-    if state.aliases.get(fqn, fqn) in given:
-        return False
-    written = state.lineage.get(fqn)
-    if written is not None and written.kind == "state":
-        return False  # the forward's own state (a KV cache): a refit never sets it
-    code_constant = spec.kind == "constant" and new.origin == "module"
-    return (spec.persistent or new.complete) and not code_constant
-
-
-def _names(names: list[str], attribute: str, limit: int = 8) -> str:
-    """The first `limit` names; the error's `attribute` lists them all."""
-    shown = ", ".join(repr(n) for n in names[:limit])
-    rest = len(names) - limit
-    return (
-        f"[{shown}]"
-        if rest <= 0
-        else f"[{shown}, and {rest} more: the error's .{attribute} lists all]"
-    )
 
 
 def _same(a: Source, b: Source) -> bool:

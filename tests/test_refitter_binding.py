@@ -112,3 +112,37 @@ def test_a_state_dict_refitter_binds_its_tensors_and_takes_a_name_map() -> None:
         prefixed["module.1.weight"].mul_(-1.0)
     refitter()
     assert_matches(compiled(x), run_eager(b, x))
+
+
+def test_a_replaced_module_above_a_bound_weight_is_refused() -> None:
+    a, b = _stack(3, 0), _stack(3, 1)
+    x = torch.randn(2, 16)
+    compiled = torchrefit.compile(a, (x,), backend="eager")
+    refitter = torchrefit.Refitter(compiled, b)
+    b[1] = nn.Linear(16, 16)  # the Linear holding '1.weight' and '1.bias' is another one
+    with pytest.raises(torchrefit.TorchRefitError, match=r"'1\.(weight|bias)'.*replaced"):
+        refitter()
+
+
+def test_a_replacement_seen_before_it_lands_is_still_refused() -> None:
+    """torch's hooks run before the assignment lands: a refit between the two must not
+    take the old object for the bound one and forget the replacement."""
+    a, b = _stack(3, 0), _stack(3, 1)
+    x = torch.randn(2, 16)
+    compiled = torchrefit.compile(a, (x,), backend="eager")
+    refitter = torchrefit.Refitter(compiled, b)
+    during: list[Exception] = []
+
+    def refit_meanwhile(module, name, value) -> None:
+        try:
+            refitter()
+        except torchrefit.TorchRefitError as exc:
+            during.append(exc)
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(refit_meanwhile)
+    try:
+        b[2].weight = nn.Parameter(torch.randn(16, 16))
+    finally:
+        handle.remove()
+    with pytest.raises(torchrefit.TorchRefitError, match="replaced"):
+        refitter()

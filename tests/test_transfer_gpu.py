@@ -214,3 +214,79 @@ def test_complex_weights_go_through_torch_on_cuda_and_are_checked() -> None:
     with pytest.raises(torchrefit.WeightValueError, match="'w'"):
         torchrefit.refit_module_weights(compiled, bad, in_place=True)
     assert torch.equal(compiled(x), before)
+
+
+def test_a_refitter_casting_its_weights_follows_every_step() -> None:
+    """float32 trainer weights into a bfloat16 engine: the cast is part of the captured
+    evaluate stage, so each call reads the trainer's current values."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8)).cuda().eval()
+    trainer = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8)).cuda().eval()
+    x = torch.randn(4, 64, device="cuda")
+    compiled = torchrefit.compile(a, (x,), backend="eager", dtype="bfloat16")
+    refitter = torchrefit.Refitter(compiled, trainer)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in trainer.parameters():
+                p.add_(torch.randn_like(p))
+        refitter()
+        reference = trainer.to(torch.bfloat16)
+        assert_matches(compiled(x), run_eager(reference, x.bfloat16()))
+        trainer.float()
+
+
+def test_calls_from_two_threads_share_the_graph_buffers_in_turn() -> None:
+    import threading
+
+    case = CASES["mlp"]
+    a = case.build(0).cuda().half()
+    x = tuple(t.cuda().half() for t in case.inputs())
+    compiled = torchrefit.compile(a, x, cuda_graphs=True)
+    inputs = [tuple(torch.randn_like(t) for t in x) for _ in range(2)]
+    expected = [run_eager(a, *y) for y in inputs]
+    wrong: list[int] = []
+
+    def calling(i: int) -> None:
+        with torch.cuda.stream(torch.cuda.Stream()):
+            for _ in range(300):
+                out = compiled(*inputs[i])
+                if not torch.equal(out, compiled(*inputs[i])):
+                    wrong.append(i)
+                torch.cuda.current_stream().synchronize()
+                if (out - expected[i]).abs().max() > 0.05:
+                    wrong.append(i)
+
+    threads = [threading.Thread(target=calling, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
+
+
+def test_unchecked_refits_from_two_streams_leave_one_weight_set() -> None:
+    import threading
+
+    case = CASES["mlp"]
+    a, b = case.build(0).cuda().half(), case.build(1).cuda().half()
+    x = tuple(t.cuda().half() for t in case.inputs())
+    compiled = torchrefit.compile(a, x, check_finite=False)
+    sources = (dict(a.state_dict()), dict(b.state_dict()))
+
+    def refitting(i: int) -> None:
+        with torch.cuda.stream(torch.cuda.Stream()):
+            for _ in range(100):
+                torchrefit.refit_module_weights(compiled, sources[i], in_place=True)
+
+    threads = [threading.Thread(target=refitting, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.cuda.synchronize()
+    out = compiled(*x)
+    assert (
+        torch.equal(out, run_eager(a, *x))
+        or torch.equal(out, run_eager(b, *x))
+        or any(float((out - run_eager(m, *x)).abs().max()) < 1e-2 for m in (a, b))
+    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -105,7 +106,7 @@ class Refitter:
         self._host: _Host | None = None
         if cuda_graph and self._capturable():
             self._graphs = _Graphs.capture(self)
-        else:
+        if self._graphs is None:
             self._host = _Host.plan(self)
 
     def __call__(self) -> None:
@@ -138,17 +139,22 @@ class Refitter:
 
 # -- what is bound ---------------------------------------------------------------------------
 
-_REGISTRATIONS = [0]  # parameters, buffers and modules (re)registered anywhere, counted
+# (id(module), attribute) -> the Bindings that hold what the module has there: torch's
+# registration hooks call `_registered` before an assignment lands
+_EXPECTED: dict[tuple[int, str], list[weakref.ref[Binding]]] = {}
 _HOOKS: list[Any] = []
 
 
-def _registered(*_: Any) -> None:
-    _REGISTRATIONS[0] += 1
+def _registered(module: torch.nn.Module, name: str, value: Any) -> None:
+    for ref in list(_EXPECTED.get((id(module), name), ())):
+        binding = ref()
+        if binding is not None:
+            binding.assigned(module, name, value)
 
 
 def _watch_registrations() -> None:
-    """torch's global registration hooks bump one counter: a parameter, buffer or module
-    assigned to any module (`m.w = Parameter(...)`, `load_state_dict(assign=True)`)."""
+    """torch's global registration hooks see every parameter, buffer or module assigned to
+    any module (`m.w = Parameter(...)`, `load_state_dict(assign=True)`, `m.block = ...`)."""
     if _HOOKS:
         return
     hooks = torch.nn.modules.module
@@ -161,18 +167,27 @@ def _watch_registrations() -> None:
     )
 
 
+def _forget(keys: list[tuple[int, str]], ref: weakref.ref[Binding]) -> None:
+    for key in keys:
+        refs = _EXPECTED.get(key)
+        if refs is not None and ref in refs:
+            refs.remove(ref)
+            if not refs:
+                del _EXPECTED[key]
+
+
 _SAME_POINTERS = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
 _DATA_PTR = torch.Tensor.data_ptr
 
 
 class Binding:
     """The caller's own tensor objects behind the bound aliases, and where a module holds
-    them. `check()` is O(1) in Python: the registration counter, then one C-level
-    comparison of the objects' data pointers with the snapshot taken at binding."""
+    them. `check()` is O(1) in Python: a flag that torch's registration hooks set when one
+    of them (or a module above it) is assigned another object, and one C-level comparison
+    of the objects' data pointers with the snapshot taken at binding."""
 
     def __init__(self, weights: Any, bound: dict[str, torch.Tensor], name_map: NameMap | None):
         _watch_registrations()
-        self.generation = _REGISTRATIONS[0]
         self.owners = _owners(weights, bound, name_map)  # fqn -> (module, slot, attr, tensor)
         self.originals = _originals(weights, bound, self.owners, name_map)
         self.names = list(self.originals)
@@ -180,29 +195,51 @@ class Binding:
         self.snapshot = [(t.dtype, t.shape) for t in self.objects]
         self.pointers: list[int | None] = [t.data_ptr() for t in self.objects]
         self.indices = list(range(len(self.objects)))
+        self.replaced: str | None = None  # what an assignment replaced
+        # (id(module), attribute) -> (the module, the object it holds there, what it stands for)
+        self.expected: dict[tuple[int, str], tuple[Any, Any, str]] = {}
+        if isinstance(weights, torch.nn.Module):
+            self._expect(weights)
+        ref = weakref.ref(self)
+        for key in self.expected:
+            _EXPECTED.setdefault(key, []).append(ref)
+        weakref.finalize(self, _forget, list(self.expected), ref)
+
+    def _expect(self, root: torch.nn.Module) -> None:
+        """Each bound weight's slot in its module, and each module's slot in its parent on
+        the way up to `root`."""
+        parents: dict[int, tuple[torch.nn.Module, str]] = {}
+        for module in root.modules():
+            for name, sub in module._modules.items():
+                if sub is not None:
+                    parents.setdefault(id(sub), (module, name))
+        for fqn, (module, _, attr, tensor) in self.owners.items():
+            self.expected[(id(module), attr)] = (weakref.ref(module), tensor, fqn)
+            child: torch.nn.Module = module
+            while id(child) in parents:
+                parent, name = parents[id(child)]
+                self.expected.setdefault((id(parent), name), (weakref.ref(parent), child, fqn))
+                child = parent
+
+    def assigned(self, module: torch.nn.Module, name: str, value: Any) -> None:
+        found = self.expected.get((id(module), name))
+        if found is not None and found[0]() is module and value is not found[1]:
+            self.replaced = found[2]
 
     def check(self) -> None:
-        if _REGISTRATIONS[0] != self.generation:
-            self._check_objects()
-            self.generation = _REGISTRATIONS[0]
+        if self.replaced is not None:
+            raise TorchRefitError(
+                f"Bound weight {self.replaced!r} was replaced by another tensor object since "
+                "the Refitter was made (module.<name> = Parameter(...), load_state_dict(..., "
+                "assign=True), or its module replaced); this Refitter would keep copying the "
+                "old one. Make a new Refitter."
+            )
         if _SAME_POINTERS is not None:
             same = _SAME_POINTERS(self.objects, self.pointers, self.indices)
         else:
             same = list(map(_DATA_PTR, self.objects)) == self.pointers
         if not same:
             self._explain()
-
-    def _check_objects(self) -> None:
-        """Each bound weight is still the object its module holds (run only after some
-        registration happened somewhere)."""
-        for fqn, (module, slot, attr, tensor) in self.owners.items():
-            if getattr(module, slot).get(attr) is not tensor:
-                raise TorchRefitError(
-                    f"Bound weight {fqn!r} was replaced by another tensor object since the "
-                    "Refitter was made (module.<name> = Parameter(...), or "
-                    "load_state_dict(..., assign=True)); this Refitter would keep copying the "
-                    "old one. Make a new Refitter."
-                )
 
     def _explain(self) -> None:
         """Name what changed: a dtype, a shape, or the memory (its .data was replaced)."""
@@ -354,28 +391,37 @@ class _Graphs:
         self.refitter, self.values, self.compute = refitter, values, compute
         self.keys = set(values.keys())
         self.banks: dict[int, _Bank] = {}
+        # the graphs read host memory: the caller may refill it once a call returns
+        self.host_sources = any(not t.is_cuda for t in refitter.tensors.values())
 
     @classmethod
     def capture(cls, refitter: Refitter) -> _Graphs | None:
-        """Warm the weight program up outside a graph, then capture it (its outputs stay
-        in the graph's memory: the values each replay recomputes)."""
+        """Warm the evaluate stage up outside a graph, then capture it when it computes
+        anything (a weight program, a cast): its outputs stay in the graph's memory, the
+        values each replay recomputes from the bound tensors. None where it cannot be
+        captured: the Refitter then runs uncaptured."""
         state, matched = refitter.state, refitter.matched
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():
-            evaluate(matched, state)  # warm up outside the graph
+            values = evaluate(matched, state)  # warm up outside the graph
         torch.cuda.current_stream().wait_stream(side)
+        bound = refitter.tensors
         compute = None
-        if matched.weight_program.outputs:
+        if matched.weight_program.outputs or any(
+            bound.get(k) is not v for k, v in values.tensors.items()
+        ):
             compute = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(compute, capture_error_mode="thread_local"), torch.no_grad():
-                values = evaluate(matched, state)
-        else:
-            values = evaluate(matched, state)  # no computation: the bound tensors themselves
+            try:
+                with torch.cuda.graph(compute, capture_error_mode="thread_local"):
+                    with torch.no_grad():
+                        values = evaluate(matched, state)
+            except Exception as exc:  # noqa: BLE001 - uncaptured costs speed, not correctness
+                logger.warning("a refit's evaluate stage could not be captured (%s)", exc)
+                return None
         check_layout(values, state)
-        graphs = cls(refitter, values, compute)
         logger.info("refit of %d constants captured as CUDA graphs", len(values.tensors))
-        return graphs
+        return cls(refitter, values, compute)
 
     def run(self) -> None:
         commit_by(self.refitter.module, self.keys, self._bank)
@@ -388,7 +434,9 @@ class _Graphs:
 
 
 class _Bank:
-    """The writer for one target bank: a Transfer of the captured values, replayed."""
+    """The writer for one target bank: a Transfer of the captured values. Captured, one
+    graph replays the check and the copy (under the write lock, for a live bank); until
+    then (or where it cannot be), the Transfer runs its steps as any refit's do."""
 
     def __init__(self, graphs: _Graphs, store: WeightStore, live: bool) -> None:
         refitter = graphs.refitter
@@ -407,27 +455,40 @@ class _Bank:
             logger.info("this refit cannot be captured (host copies); it runs uncaptured")
 
     def stage(self) -> None:
-        return
+        self.transfer.reset()
+        if self.graph is None:  # uncaptured: read and check outside the write lock
+            self._compute()
+            self._zero_flag()
+            self.transfer.stage()
 
     def write(self) -> None:
-        if self.graphs.compute is not None:
-            self.graphs.compute.replay()  # the weight program, into the values' memory
         if self.graph is not None:
+            self._compute()  # the weight program, into the values' memory
             self.graph.replay()
             return
-        self._run_eagerly()
+        self.transfer.write()
         if self.transfer.capturable() and not self.failed:
-            self.graph = _captured(self._run_eagerly)
+            self.graph = _captured(self._replayed)
             self.failed = self.graph is None
 
-    def _run_eagerly(self) -> None:
-        if self.transfer.flag is not None:
-            self.transfer.flag.zero_()
+    def _replayed(self) -> None:
+        """What the captured graph does: the flag zeroed, the check, the copy."""
+        self._zero_flag()
         self.transfer.stage()
         self.transfer.write()
 
+    def _compute(self) -> None:
+        if self.graphs.compute is not None:
+            self.graphs.compute.replay()
+
+    def _zero_flag(self) -> None:
+        if self.transfer.flag is not None:
+            self.transfer.flag.zero_()
+
     def verdict(self) -> None:
         self.transfer.verdict()
+        if self.graphs.host_sources and not self.transfer.check:
+            torch.cuda.current_stream().synchronize()  # the caller may refill its buffers
 
 
 def _captured(run: Callable[[], None]) -> torch.cuda.CUDAGraph | None:

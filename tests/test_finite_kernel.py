@@ -29,7 +29,6 @@ from torchrefit.copy_kernel import (
     _plan,
     finite_kernels_work,
 )
-from torchrefit.refit.evaluate import finite_check
 
 from helpers import assert_matches, run_eager
 from models import odd_sized_with_mask
@@ -152,31 +151,48 @@ def test_check_kernel_replays_in_a_cuda_graph() -> None:
         assert flag.item() == refused, value
 
 
+class MixedSources(torch.nn.Module):
+    """Constants of four dtypes and a mask that holds -inf as compiled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.randn(4096, dtype=torch.bfloat16))
+        self.t = torch.nn.Parameter(torch.randn(33, 64, dtype=torch.float16))
+        self.d = torch.nn.Parameter(torch.randn(50, dtype=torch.float64))
+        self.h = torch.nn.Parameter(torch.randn(31))
+        self.register_buffer("mask", torch.full((9,), -INF))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = self.a.float().sum() + self.t.float().sum() + self.d.float().sum()
+        return x + self.mask + total + self.h.sum()
+
+
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-def test_finite_check_refuses_what_the_kernel_cannot_read_too(device: str) -> None:
-    """Misaligned views, transposed tensors, float64 and pageable host tensors take torch's
-    reductions: a NaN there is refused all the same."""
+def test_values_the_kernel_cannot_read_in_place_are_refused_too(device: str) -> None:
+    """A misaligned view, a transposed tensor, float64 and a pageable host tensor: staged
+    or checked by torch; a NaN (or a new inf) in any is refused and nothing is written."""
+    model = MixedSources().to(device)
+    compiled = torchrefit.compile(model, (torch.randn(9, device=device),), backend="eager")
     base = torch.randn(4097, device=device, dtype=torch.bfloat16)
-    tensors = {
-        "aligned": torch.randn(333, device=device, dtype=torch.bfloat16),
-        "misaligned": base[1:],
-        "transposed": torch.randn(64, 33, device=device, dtype=torch.float16).t(),
-        "double": torch.randn(50, device=device, dtype=torch.float64),
-        "host": torch.randn(31, dtype=torch.float32),
+    sources = {
+        "a": base[1:],  # misaligned
+        "t": torch.randn(64, 33, device=device, dtype=torch.float16).t(),  # transposed
+        "d": torch.randn(50, device=device, dtype=torch.float64),
+        "h": torch.randn(31),  # pageable host memory
         "mask": torch.full((9,), -INF, device=device),
     }
-    if device == "cuda":
-        assert finite_kernels_work(torch.device(device), torch.bfloat16)
-    check = finite_check(tensors, {"mask"}, torch.device(device))
-    assert bool(check())
-    for name, value in [(k, NAN) for k in tensors] + [(k, INF) for k in tensors if k != "mask"]:
-        flat = tensors[name].view(-1) if tensors[name].is_contiguous() else tensors[name]
+    torchrefit.refit_module_weights(compiled, sources, in_place=True)
+    before = {k: v.clone() for k, v in compiled._torchrefit.store.tensors.items()}
+    for name, value in [(k, NAN) for k in sources] + [(k, INF) for k in sources if k != "mask"]:
+        flat = sources[name]
         at = (-1,) if flat.dim() == 1 else (-1, -1)
         keep = flat[at].clone()
         flat[at] = value
-        assert not bool(check()), (name, value)
+        with pytest.raises(torchrefit.WeightValueError, match=repr(name)):
+            torchrefit.refit_module_weights(compiled, sources, in_place=True)
         flat[at] = keep
-    assert bool(check())
+        for key, held in compiled._torchrefit.store.tensors.items():
+            assert torch.equal(held, before[key]), (name, value, key)
 
 
 # -- the doors ------------------------------------------------------------------------------

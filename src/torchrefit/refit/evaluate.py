@@ -1,23 +1,20 @@
-"""The evaluate and validate stages: new engine constants, checked before any write.
+"""The evaluate and validate stages: new engine constants, and their layout checked.
 
 `evaluate` turns matched source weights into store values (casts to the engine dtype, the
 weight program for derived constants) without a host sync, so `Refitter` captures this very
-code as a CUDA graph. `finite_check` is the capturable part of the check: one device
-boolean; `validate` is the whole check, raising with the weight named. What is checked: every
-floating value; NaN is refused, and inf where the compiled constant held none. On CUDA the
-check is one read-only Triton launch per dtype (`copy_kernel.FiniteCheck`), else torch
-reductions.
+code as a CUDA graph. `validate` checks every value's shape, dtype and device before
+anything is read or written. The finiteness check runs where values are copied (the
+commit's `Transfer`); what it refuses is named here (`raise_nonfinite`), and its torch
+reductions for values no kernel reads are here (`refused_on_cpu`, `all_finite`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from ..copy_kernel import FiniteCheck, finite_kernels_work
 from ..errors import IncompatibleWeightsError, MissingWeightError, WeightValueError
 from ..module import RefitState
 from ..quantize import QUANTIZED_DTYPES
@@ -137,58 +134,6 @@ def _derived(
     if matched.partial:  # only the constants the given weights feed (`match.partial_program`)
         derived_keys = [k for k in derived_keys if matched.rename.get(k, k) in outputs]
     return {**matched.direct, **{k: outputs[matched.rename.get(k, k)] for k in derived_keys}}
-
-
-def finite_check(
-    tensors: dict[str, torch.Tensor], inf_allowed: set[str], device: torch.device
-) -> Callable[[], torch.Tensor]:
-    """The finiteness check of fixed `tensors`, planned once: each call gives one boolean on
-    `device` (every value acceptable), without a host sync, so it can be captured in a CUDA
-    graph once made. CUDA (and pinned) tensors of a dtype the kernel reads go through
-    `FiniteCheck`; the others (CPU, odd layouts, other dtypes, a failed self-test) through
-    torch reductions."""
-    kernel = [k for k, v in tensors.items() if finite_kernels_work(device, v.dtype)]
-    check: FiniteCheck | None = None
-    if kernel:
-        strict = [k not in inf_allowed for k in kernel]
-        flag = torch.zeros(1, dtype=torch.int32, device=device)
-        check = FiniteCheck([tensors[k] for k in kernel], strict, flag)
-        skipped = set(check.rest)
-        kernel = [k for i, k in enumerate(kernel) if i not in skipped]
-    read = set(kernel)
-    rest = {k: v for k, v in tensors.items() if k not in read}
-
-    def run() -> torch.Tensor:
-        if check is None:
-            return _torch_flag(rest, inf_allowed, device)
-        check.flag.zero_()
-        check()
-        ok = check.flag[0] == 0
-        return ok & _torch_flag(rest, inf_allowed, device) if rest else ok
-
-    return run
-
-
-def _torch_flag(
-    tensors: dict[str, torch.Tensor], inf_allowed: set[str], device: torch.device
-) -> torch.Tensor:
-    flags = [torch.ones((), dtype=torch.bool, device=device)]
-    strict = {k: v for k, v in tensors.items() if k not in inf_allowed}
-    for group in _by_device(strict).values():
-        flags.append(
-            torch.isfinite(torch.stack(torch._foreach_norm(group, float("inf")))).all().to(device)
-        )
-    for key, value in tensors.items():
-        if key in inf_allowed:
-            flags.append(torch.isnan(value).any().logical_not().to(device))
-    return torch.stack(flags).all()
-
-
-def _by_device(tensors: dict[str, torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
-    groups: dict[torch.device, list[torch.Tensor]] = {}
-    for value in tensors.values():
-        groups.setdefault(value.device, []).append(value)
-    return groups
 
 
 def validate(values: Values, state: RefitState) -> None:

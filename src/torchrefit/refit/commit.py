@@ -1,6 +1,6 @@
 """The commit stage: the only code that writes new values into a weight store.
 
-Call after `validate`. Each write is a `Transfer` (transfer.py): every source read once,
+Call after `validate`. Each write is a `Transfer` (transfer.py): every source fetched once,
 checked for NaN and inf where it is copied, and a store that calls compute with (a plain
 module's) written only once every value has passed, gated on the device. A
 double-buffered module's standby bank, and the new store of an `in_place=False` copy, are

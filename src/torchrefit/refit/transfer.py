@@ -1,5 +1,5 @@
-"""The write of a refit: new values into a weight store, every byte read once, checked where
-it is copied.
+"""The write of a refit: new values into a weight store, every byte fetched once from where it
+lives (a host buffer, a file), checked where it is copied.
 
 A store is *live* when calls compute with it (a plain module's only store) and must see
 nothing of a refused refit; a standby bank or a copy's new store is not. Every door's

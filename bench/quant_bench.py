@@ -23,13 +23,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,32 +35,10 @@ import transformers
 import torchrefit
 from torchrefit.quantize import dequantize, reference
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lm_bench import Run, build, config, device_ms, wall_s  # noqa: E402  (the same model and timers)
+
 FMTS = ("fp8", "int8")
-
-
-def config(tiny: bool) -> transformers.LlamaConfig:
-    if tiny:
-        return transformers.LlamaConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024,
-            tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-        )  # fmt: skip
-    return transformers.LlamaConfig(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
-        rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=128000,
-        eos_token_id=128001,
-    )  # fmt: skip
-
-
-def build(cfg: transformers.LlamaConfig, device: str, dtype: torch.dtype, seed: int) -> Any:
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM(cfg)
-    model = model.to(dtype).eval()
-    model.generation_config.eos_token_id = None  # random weights: never stop early
-    model.generation_config.pad_token_id = 0
-    return model
 
 
 def fake_quantized(model: torch.nn.Module, fmt: str) -> torch.nn.Module:
@@ -81,56 +56,6 @@ def fake_quantized(model: torch.nn.Module, fmt: str) -> torch.nn.Module:
                 else:
                     module.weight.copy_(value)
     return fake
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def wall_s(fn: Callable[[], Any], device: str, repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        sync(device)
-        started = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def device_ms(fn: Callable[[], Any], device: str, iters: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    if device != "cuda":
-        return 1e3 * wall_s(lambda: [fn() for _ in range(iters)], device, 1) / iters
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
-
-class Run:
-    def __init__(self, out: str | None) -> None:
-        self.out = out
-        self.results: dict[str, Any] = {}
-
-    def section(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
-        started = time.perf_counter()
-        try:
-            self.results[name] = fn()
-        except Exception as exc:  # a section that fails leaves the others standing
-            self.results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
-        self.results[name]["section_s"] = round(time.perf_counter() - started, 1)
-        print(name, json.dumps(self.results[name]), flush=True)
-        if self.out:
-            with open(self.out + ".tmp", "w") as f:
-                json.dump(self.results, f, indent=1)
-            os.replace(self.out + ".tmp", self.out)
 
 
 class QuantBench:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -67,3 +70,19 @@ def rewrite_zip(
     it)."""
     changed = {name: change(name, data) for name, data in members_of(src).items()}
     write_members(dst, {n: d for n, d in changed.items() if d is not None}, checksums)
+
+
+def run_interpreted(statement: str, timeout: float = 900) -> None:
+    """Runs `statement` (Python, with tests/ on the path) in a fresh interpreter under
+    Triton's interpreter (TRITON_INTERPRET=1: kernels run on CPU tensors) and fails with
+    the end of its stderr unless it exits cleanly."""
+    tests = str(Path(__file__).parent)
+    code = f"import sys; sys.path.insert(0, {tests!r}); import torch; {statement}"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]

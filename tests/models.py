@@ -143,6 +143,22 @@ def gpt2(seed: int = 0) -> nn.Module:
     return randomize(GPT2LMHeadModel(config), seed)
 
 
+LM_VOCAB = 256
+
+
+def generation_gpt2(seed: int = 0) -> nn.Module:
+    """A GPT-2 for the generation and quantization tests: a 256-token vocabulary, 128
+    positions, the cache on, weights spread wide enough that greedy paths differ by seed."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_layer=2, n_head=4, n_embd=64, vocab_size=LM_VOCAB, n_positions=128,
+        bos_token_id=1, eos_token_id=2, initializer_range=0.2,
+    )  # fmt: skip
+    return GPT2LMHeadModel(config).eval()
+
+
 class OddSizedWithMask(nn.Module):
     """Odd-sized weights (a check kernel's masked last block), one larger than a kernel
     block, and a -inf mask buffer: a constant that may keep inf, never hold NaN."""

@@ -9,12 +9,8 @@ Triton installed, the kernels' logic also runs on CPU tensors under Triton's int
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +26,7 @@ from torchrefit.copy_kernel import (
     finite_kernels_work,
 )
 
-from helpers import assert_matches, run_eager
+from helpers import assert_matches, run_eager, run_interpreted
 from models import odd_sized_with_mask
 
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
@@ -105,21 +101,12 @@ def test_plan_tables_cover_every_element_once_and_start_aligned() -> None:
 def test_kernel_logic_under_the_triton_interpreter() -> None:
     """The kernel trials and the doors on CPU tensors, run by Triton's interpreter (no GPU
     needed)."""
-    code = (
-        "import sys, torch; sys.path.insert(0, sys.argv[1]);"
+    run_interpreted(
         "from test_finite_kernel import interpreted_doors, kernel_trials;"
         "[kernel_trials(torch.device('cpu'), d, False) for d in (torch.bfloat16, torch.float32)];"
-        "interpreted_doors()"
-    )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run(
-        [sys.executable, "-c", code, str(Path(__file__).parent)],
-        capture_output=True,
-        text=True,
-        env=env,
+        "interpreted_doors()",
         timeout=600,
     )
-    assert run.returncode == 0, run.stderr[-3000:]
 
 
 @pytest.mark.gpu

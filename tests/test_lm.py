@@ -13,19 +13,10 @@ import torch
 
 import torchrefit
 from tests.helpers import assert_matches, members_of
+from tests.models import LM_VOCAB as VOCAB
+from tests.models import generation_gpt2 as gpt2
 
 transformers = pytest.importorskip("transformers")
-
-VOCAB = 256
-
-
-def gpt2(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        n_layer=2, n_head=4, n_embd=64, vocab_size=VOCAB, n_positions=128,
-        bos_token_id=1, eos_token_id=2, initializer_range=0.2,
-    )  # fmt: skip
-    return transformers.GPT2LMHeadModel(config).eval()
 
 
 # what the Llama-family tiny configs share: 2 layers, 4 query heads of 16, random weights

@@ -13,7 +13,6 @@ import copy
 import importlib
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -29,22 +28,14 @@ from torchrefit.graph_io import graph_from_json, graph_to_json
 from torchrefit.quantize import FORMATS, dequantize, reference
 from torchrefit.refit.verify import relative_error
 
-from helpers import assert_matches
+from helpers import assert_matches, run_interpreted
+from models import LM_VOCAB as VOCAB
 from models import MLP
+from models import generation_gpt2 as gpt2
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 256
 FMTS = ("fp8", "int8")
-
-
-def gpt2(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        n_layer=2, n_head=4, n_embd=64, vocab_size=VOCAB, n_positions=128,
-        bos_token_id=1, eos_token_id=2, initializer_range=0.2,
-    )  # fmt: skip
-    return transformers.GPT2LMHeadModel(config).eval()
 
 
 def llama(seed: int = 0, tied: bool = False) -> torch.nn.Module:
@@ -158,19 +149,7 @@ def test_kernels_under_the_triton_interpreter() -> None:
     """The quantize kernel bit-identical to the definition (fp32/bf16/fp16 sources, zero and
     tiny rows, odd lengths), and the matrix kernel within fp16 rounding, on CPU tensors run
     by Triton's interpreter."""
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[1]);"
-        "from test_quantize import kernel_trials; kernel_trials()"
-    )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(Path(__file__).parent)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_interpreted("from test_quantize import kernel_trials; kernel_trials()")
 
 
 def kernel_trials(device: str = "cpu") -> None:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import torchrefit
 import torchrefit.refit.files as files
 import torchrefit.refit.transfer as transfer
 
-from helpers import assert_differs, assert_matches, run_eager
+from helpers import assert_differs, assert_matches, run_eager, run_interpreted
 
 NAN = float("nan")
 
@@ -161,7 +159,6 @@ def test_concurrent_rewrites_of_a_file_never_reach_the_engines(tmp_path) -> None
     good = _file(tmp_path, b, "good.safetensors")
 
     def rewriting() -> None:
-        import os
         import shutil
 
         i = 0
@@ -343,18 +340,9 @@ def interpreted_transfer_doors() -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
 def test_the_kernel_path_under_the_triton_interpreter() -> None:
-    code = (
-        "import sys, torch; sys.path.insert(0, sys.argv[1]);"
+    run_interpreted(
         "from test_transfer import interpreted_transfer_doors; interpreted_transfer_doors()"
     )
-    run = subprocess.run(
-        [sys.executable, "-c", code, str(Path(__file__).parent)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        timeout=900,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
 
 
 # -- what a review of the write paths found ---------------------------------------------------

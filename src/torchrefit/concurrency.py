@@ -36,6 +36,7 @@ class Guard:
         self._writing = False
         self._writers_waiting = 0
         self._streams: dict[int, Any] = {}  # CUDA stream id -> Stream, of streams that called
+        # since the last commit
         self._committed: Any = None  # CUDA event recorded after each commit's writes
         self._commits = 0
         self._waited: dict[int, int] = {}  # CUDA stream id -> the commit it last waited for
@@ -105,6 +106,11 @@ class Guard:
                     self._committed = torch.cuda.Event()
                 self._committed.record(torch.cuda.current_stream(device))
                 self._commits += 1
+                # the writes came after every caller's queued work, and later writes wait
+                # for this commit: only streams that call from now on need waiting for (a
+                # stream per request never piles up)
+                self._streams.clear()
+                self._waited.clear()
         finally:
             with self._cond:
                 self._writing = False

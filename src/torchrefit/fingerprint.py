@@ -13,6 +13,7 @@ from torch.export import ExportedProgram
 
 from .errors import IncompatibleWeightsError
 from .export import weight_specs
+from .tables import DTYPES
 
 
 def describe(graph: fx.Graph, placeholder_labels: dict[str, str]) -> list[str]:
@@ -153,9 +154,7 @@ def _arg(arg: Any, index: dict[fx.Node, int]) -> str:
     return repr(arg)
 
 
-_DTYPE_NAMES = {
-    d: str(d).removeprefix("torch.") for d in vars(torch).values() if isinstance(d, torch.dtype)
-}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def _meta(val: Any) -> str:

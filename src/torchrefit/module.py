@@ -18,6 +18,7 @@ from .errors import InputError, SerializationError, WeightsNotLoadedError
 from .export import WeightSpec
 from .lower.context import Lineage
 from .settings import Settings
+from .tables import parse_dtype
 from .weights import WeightProgram, WeightStore
 
 Signature = tuple[Any, ...]  # per activation: (dtype, shape, stride), or ("value", v)
@@ -113,21 +114,6 @@ def make_fallback(graph: fx.Graph, constant_keys: list[str]) -> Fallback:
     return fallback
 
 
-# every torch dtype by its name: a name read from a file is looked up here, never with
-# getattr on torch (which could import or call what the name names)
-_DTYPE_NAMES = {
-    str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
-}
-
-
-def dtype_named(name: Any) -> torch.dtype:
-    """The dtype `name` ("bfloat16") names; ValueError for any other value."""
-    dtype = _DTYPE_NAMES.get(name) if isinstance(name, str) else None
-    if dtype is None:
-        raise ValueError(f"{name!r} names no torch dtype")
-    return dtype
-
-
 @dataclass(frozen=True)
 class DynamicDim:
     """A dimension exported with torch.export.Dim: the sizes it accepts, the example's size,
@@ -190,7 +176,7 @@ class InputGuard:
             int(d): DynamicDim.from_json(v) for d, v in (data[4] if len(data) > 4 else {}).items()
         }
         return cls(
-            dtype_named(data[0]),
+            parse_dtype(data[0]),
             torch.device(data[1]),
             tuple(data[2]),
             contiguous=contiguous,

@@ -529,7 +529,6 @@ def _identity(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
     return (tensor.data_ptr(), tensor._version, tuple(tensor.shape))
 
 
-
 def _input_signature(args: tuple, kwargs: dict) -> tuple:
     leaves, spec = pytree.tree_flatten((args, kwargs))
     described = tuple(

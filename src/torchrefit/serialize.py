@@ -44,12 +44,12 @@ from .module import (
     RefitState,
     Signature,
     Variant,
-    dtype_named,
     make_fallback,
 )
 from .refit.read import checkpoint
 from .settings import BACKENDS
 from .state_json import check_store_specs, state_from_json, state_to_json
+from .tables import DTYPES
 
 FORMAT = "torchrefit"
 VERSION = 1
@@ -397,7 +397,12 @@ def _signature_from_json(data: Any, path: str) -> Signature:
                 raise SerializationError(f"{path!r}: a variant signature holds {entry[1:2]!r}.")
             key.append(("value", entry[1]))
             continue
-        dtype = dtype_named(entry[0])
+        if not isinstance(entry[0], str) or entry[0] not in DTYPES:
+            raise SerializationError(
+                f"{path!r}: a variant signature's {str(entry[0])[:40]!r} names no torch dtype; "
+                "the file is damaged or not torchrefit's: compile and save it again."
+            )
+        dtype = DTYPES[entry[0]]
         shape, strides = entry[1], entry[2]
         ints = all(type(n) is int and 0 <= n < 1 << 40 for n in [*shape, *strides])
         if len(entry) != 3 or not ints or len(shape) != len(strides):
